@@ -153,19 +153,22 @@ def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
     return rows
 
 
+TABLE_COLUMNS = {  # column -> format of its numbers
+    "target": "{}", "status": "{}", "size_mb": "{:.1f}", "ppl": "{:.3f}", "ppl_ratio": "{:.4f}", "top1": "{:.4f}",
+    "kl_mean": "{:.5f}", "build_s": "{:.1f}", "validate_s": "{:.1f}", "reason": "{}",
+}
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    columns = ["target", "status", "size_mb", "ppl", "ppl_ratio", "top1", "kl_mean", "build_s", "validate_s", "reason"]
-    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) if cells else len(c) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    cells = [[_cell(row.get(c), fmt) for c, fmt in TABLE_COLUMNS.items()] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(TABLE_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths)).rstrip()]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in cells]
     return "\n".join(lines)
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, fmt: str) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
-    text = str(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    text = fmt.format(value)
+    return text if len(text) <= 80 else text[:77] + "..."

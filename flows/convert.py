@@ -1,0 +1,83 @@
+"""The `convert` Prefect flow: one recipe in, every artifact built and validated.
+
+One task resolves the source (retried on transient network errors only), then each target gets a build task and a
+validate task. The steps themselves are the library's (`pipeline.convert`); this module only adds Prefect: task
+names, retries, a table artifact with the results, and a failed flow run when any target fails. It runs without a
+Prefect server (ephemeral mode) as well as under a deployment.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from pipeline import convert as steps
+from pipeline.artifacts import Manifest, now
+from pipeline.recipe import Recipe, Target, load_recipe
+from pipeline.source import SourceError, SourceInfo
+
+
+class TargetsFailed(RuntimeError):
+    """At least one target failed its build, smoke test or budget; the summary says which and why."""
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry only what may pass by itself: network and file-system hiccups, not a bad source."""
+    exc = state.result(raise_on_failure=False)
+    return isinstance(exc, (ConnectionError, TimeoutError, OSError)) and not isinstance(exc, SourceError)
+
+
+@task(name="resolve-source", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
+def resolve_source(recipe: Recipe) -> SourceInfo:
+    return steps.prepare(recipe)
+
+
+@task(name="build", task_run_name="build {target.format}/{target.quant}", cache_policy=NO_CACHE)
+def build(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
+    return steps.build_target(recipe, source, target)
+
+
+@task(name="validate", task_run_name="validate {target.format}/{target.quant}", cache_policy=NO_CACHE)
+def validate(recipe: Recipe, source: SourceInfo, target: Target, built: Manifest) -> Manifest:
+    return steps.validate_target(recipe, source, target, built)
+
+
+def _run_name() -> str:
+    path = flow_run.parameters.get("recipe_path", "recipe")
+    try:
+        return f"convert {load_recipe(path).name} ({path})"
+    except Exception:
+        return f"convert {path}"
+
+
+@flow(name="convert", flow_run_name=_run_name, log_prints=True)
+def convert(recipe_path: str) -> dict:
+    """Build and validate every target of the recipe at `recipe_path`; fail the run if any target fails."""
+    started = now()
+    recipe = load_recipe(recipe_path)
+    source = resolve_source(recipe)
+    manifests = [validate(recipe, source, t, build(recipe, source, t)) for t in recipe.targets]
+    summary = steps.summarize(recipe, source, manifests, started)
+    publish(summary)
+    counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
+    get_run_logger().info("%s: %d ok, %d failed, %d not run; summary in %s", recipe.name, counts["ok"],
+                          counts["failed"], counts["not_run"], recipe.output_dir())
+    failed = [row["target"] for row in summary["targets"] if row["status"] == "failed"]
+    if failed:
+        raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})")
+    return summary
+
+
+def publish(summary: dict) -> None:
+    """The run's results as Prefect artifacts: a table, and a markdown note linking the manifests."""
+    key = "convert-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
+    columns = ["target", "status", "size_mb", "ppl", "ppl_ratio", "top1", "kl_mean", "build_s", "validate_s",
+               "validated_on", "reason"]
+    create_table_artifact([{c: row.get(c) for c in columns} for row in summary["targets"]], key=key,
+                          description=f"weightsmith results for {summary['model']}")
+    lines = [f"# {summary['model']}", "", f"source: `{summary['source']['spec']}`", ""]
+    lines += [f"- **{r['target']}**: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "") +
+              f" — manifest `{r['manifest']}`" for r in summary["targets"]]
+    create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description="manifests of this run")

@@ -1,0 +1,173 @@
+"""The conversion steps as plain functions: resolve the source, build a target, validate it, summarise the run.
+
+The Prefect flow (`flows/convert.py`) runs each step as a task; `run_recipe` runs them in sequence without Prefect.
+Every step records its outcome in the target's manifest; none of them raises for a target that fails or cannot
+run here, so one target's trouble never stops the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pipeline import hardware
+from pipeline.artifacts import (
+    MANIFEST, SUMMARY, Manifest, format_table, list_files, now, read_manifest, remove_stale, staging_dir, summary_rows,
+    verify_files, write_json, write_manifest,
+)
+from pipeline.formats import FORMATS
+from pipeline.recipe import Recipe, Target
+from pipeline.source import SourceInfo, resolve_source
+from pipeline.validate import judge, reference
+
+log = logging.getLogger("weightsmith")
+
+
+def prepare(recipe: Recipe) -> SourceInfo:
+    log.info("resolving source %s", recipe.source.id)
+    source = resolve_source(recipe.source, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
+    log.info("source: %s (%s, %.1fM parameters, %s, %d shard(s)) at %s", source.architecture, source.model_type,
+             source.n_params / 1e6, source.dtype, len(source.shards), source.path)
+    for stale in remove_stale(recipe.output_dir()) if recipe.output_dir().exists() else []:
+        log.warning("removed %s left by an interrupted run", stale.name)
+    return source
+
+
+def cannot_run(fmt, step: str) -> str | None:
+    """Why `step` of a format cannot run on this machine (missing package or hardware), or None."""
+    if why := fmt.missing_dependency(step):
+        return why
+    wanted = fmt.HARDWARE[step]
+    if not set(wanted) & hardware.available():
+        kinds = ", ".join(sorted(hardware.available()))
+        return f"no_{wanted[0]}_device: {step} needs {' or '.join(wanted)}; this machine offers {kinds}"
+    return None
+
+
+def _base_manifest(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
+    budget = recipe.budget(target)
+    return Manifest(
+        model=recipe.name, target=target.key, format=target.format, quant=target.quant, status="built",
+        source=source.describe(), recipe_entry=target.model_dump(mode="json"),
+        budget=budget.model_dump(mode="json") if budget else None,
+        versions=hardware.versions(), built_on=hardware.describe(),
+    )
+
+
+def build_target(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
+    fmt = FORMATS[target.format]
+    final = recipe.output_dir() / target.folder
+    manifest = _base_manifest(recipe, source, target)
+    if why := cannot_run(fmt, "build"):
+        log.warning("%s: build not run: %s", target.key, why)
+        return _record_without_artifact(final, manifest.model_copy(update={"status": "not_run", "reason": why}))
+    start = time.perf_counter()
+    try:
+        fmt.check(source, target)
+        log.info("%s: building", target.key)
+        with staging_dir(final) as tmp:
+            info = fmt.build(source, target, tmp, name=recipe.name, progress=_progress(target.key))
+            manifest = manifest.model_copy(update={
+                "files": list_files(tmp), "build": info, "timings": {"build_s": round(time.perf_counter() - start, 2)},
+            })
+            write_manifest(tmp, manifest)
+    except Exception as exc:  # recorded, not raised: the other targets go on
+        log.error("%s: build failed: %s", target.key, exc)
+        log.debug("%s", traceback.format_exc())
+        return _record_without_artifact(final, manifest.model_copy(update={"status": "failed", "reason": f"build: {exc}"}))
+    log.info("%s: built %s (%.1f MB) in %.1f s", target.key, final, manifest.size / 1e6, manifest.timings["build_s"])
+    return read_manifest(final)
+
+
+def _record_without_artifact(final: Path, manifest: Manifest) -> Manifest:
+    """Write a manifest-only folder saying why there is no artifact, unless a built artifact is already in place:
+    that one is kept, and the outcome only goes to the run summary."""
+    existing = read_manifest(final) if final.is_dir() else None
+    if existing is not None and existing.files:
+        return manifest
+    with staging_dir(final) as tmp:
+        write_manifest(tmp, manifest)
+    return manifest
+
+
+def _progress(key: str):
+    last = [0.0]
+
+    def report(done: int, total: int, what: str) -> None:
+        if done == total or time.monotonic() - last[0] > 5:
+            last[0] = time.monotonic()
+            log.info("%s: %d/%d tensors (%s)", key, done, total, what)
+
+    return report
+
+
+def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: Manifest) -> Manifest:
+    """Smoke-test the artifact `build_target` reported as built; any other outcome passes through unchanged."""
+    if built.status != "built":
+        return built
+    final = recipe.output_dir() / target.folder
+    manifest = read_manifest(final)
+    fmt = FORMATS[target.format]
+    changed = verify_files(final, manifest)
+    if changed:
+        return _finish(final, manifest, "failed", f"files changed since the build: {', '.join(changed)}", {})
+    if why := cannot_run(fmt, "smoke"):
+        log.warning("%s: smoke test not run: %s", target.key, why)
+        return _finish(final, manifest, "not_run", f"smoke: {why}", {})
+    start = time.perf_counter()
+    try:
+        log.info("%s: smoke test", target.key)
+        result = fmt.smoke(final, reference(source, recipe.validation), recipe.validation)
+    except Exception as exc:
+        log.error("%s: smoke test crashed: %s", target.key, exc)
+        return _finish(final, manifest, "failed", f"smoke test crashed: {exc}", {})
+    failures = result["failures"] + judge(result["quality"], recipe.budget(target))
+    updates = {
+        "smoke": result["smoke"], "quality": result["quality"],
+        "validated_on": {**hardware.describe(), "runtime": result["smoke"]["runtime"]["runtime"]},
+        "timings": {**manifest.timings, "validate_s": round(time.perf_counter() - start, 2)},
+    }
+    quality = result["quality"]
+    log.info("%s: ppl %.3f (source %.3f, ratio %.4f), top-1 %.3f, KL %.5f", target.key, quality["ppl"],
+             quality["ppl_source"], quality["ppl_ratio"], quality["top1_agreement"], quality["kl_mean"])
+    return _finish(final, manifest, "failed" if failures else "ok", "; ".join(failures) or None, updates)
+
+
+def _finish(folder: Path, manifest: Manifest, status: str, reason: str | None, updates: dict[str, Any]) -> Manifest:
+    if status != "ok":
+        log.warning("%s: %s: %s", manifest.target, status, reason)
+    return write_manifest(folder, manifest.model_copy(update={**updates, "status": status, "reason": reason}))
+
+
+def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], started: str) -> dict[str, Any]:
+    rows = summary_rows(manifests)
+    for row in rows:
+        row["manifest"] = str(recipe.output_dir() / recipe.target(row["target"]).folder / MANIFEST)
+    summary = {
+        "model": recipe.name,
+        "source": {"spec": source.spec, "revision": source.revision, "fingerprint": source.fingerprint},
+        "started_at": started,
+        "finished_at": now(),
+        "ok": not any(m.status == "failed" for m in manifests),
+        "targets": rows,
+    }
+    recipe.output_dir().mkdir(parents=True, exist_ok=True)
+    write_json(recipe.output_dir() / SUMMARY, summary)
+    return summary
+
+
+def run_recipe(recipe: Recipe) -> dict[str, Any]:
+    """Every step of a recipe in sequence, without Prefect. Returns the run summary."""
+    started = now()
+    source = prepare(recipe)
+    manifests = []
+    for target in recipe.targets:
+        manifests.append(validate_target(recipe, source, target, build_target(recipe, source, target)))
+    return summarize(recipe, source, manifests, started)
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    return format_table(summary["targets"])
