@@ -1,0 +1,214 @@
+"""GGUF export on tiny random Llama and Qwen2 checkpoints: what llama.cpp reads back is what the source holds."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.formats import FormatError
+from pipeline.formats import gguf as gguf_format
+from pipeline.formats.gguf_arch import permute_qk
+from pipeline.recipe import Target
+from pipeline.source import inspect_checkpoint, load_tokenizer
+from pipeline.validate import TOKENIZER_PROBE_SUFFIX
+
+_BUILT: dict[tuple, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llama, tiny_qwen2, tiny_llama_spm):
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "llama-spm": tiny_llama_spm}
+
+
+@pytest.fixture(scope="module")
+def build(models, tmp_path_factory):
+    def _build(model: str, quant: str) -> Path:
+        if (model, quant) not in _BUILT:
+            source = inspect_checkpoint(models[model])
+            target = Target(format="gguf", quant=quant)
+            out = tmp_path_factory.mktemp(f"{model}-{quant}")
+            gguf_format.check(source, target)
+            info = gguf_format.build(source, target, out, name="tiny")
+            _BUILT[(model, quant)] = out / info["file"]
+        return _BUILT[(model, quant)]
+
+    return _build
+
+
+def expected_tensors(model_dir: Path) -> dict[str, np.ndarray]:
+    """The source tensors under their llama.cpp names, in float32, q/k permuted for `llama` as llama.cpp expects."""
+    from pipeline.formats.gguf_arch import architecture, tensor_name
+
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = architecture(config["model_type"])
+    out = {}
+    for name, tensor in load_file(model_dir / "model.safetensors").items():
+        gguf_name = tensor_name(arch, name)
+        data = tensor.float().numpy()
+        if arch.permute_qk and ".attn_q." in gguf_name:
+            data = permute_qk(data, config["num_attention_heads"])
+        if arch.permute_qk and ".attn_k." in gguf_name:
+            data = permute_qk(data, config["num_key_value_heads"])
+        out[gguf_name] = data
+    return out
+
+
+def read_tensors(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.ndarray]]:
+    reader = gguf.GGUFReader(path)
+    return {t.name: (t.tensor_type, gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("quant,dtype", [("f32", np.float32), ("f16", np.float16)])
+def test_float_types_read_back_exactly(build, models, model, quant, dtype):
+    written = read_tensors(build(model, quant))
+    expected = expected_tensors(models[model])
+    assert set(written) == set(expected)
+    for name, (qtype, data) in written.items():
+        want = expected[name] if qtype == gguf.GGMLQuantizationType.F32 else expected[name].astype(dtype)
+        np.testing.assert_array_equal(data.reshape(want.shape), want.astype(np.float32), err_msg=name)
+        if expected[name].ndim == 2:
+            assert qtype.name == quant.upper(), name
+
+
+def test_bf16_reads_back_as_torch_rounds_it(build, models):
+    written = read_tensors(build("llama", "bf16"))
+    for name, want in expected_tensors(models["llama"]).items():
+        qtype, data = written[name]
+        if want.ndim == 2:
+            assert qtype == gguf.GGMLQuantizationType.BF16
+            want = torch.from_numpy(want).to(torch.bfloat16).float().numpy()
+        np.testing.assert_array_equal(data.reshape(want.shape), want, err_msg=name)
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2"])
+def test_q8_0_within_quantization_bound(build, models, model):
+    written = read_tensors(build(model, "q8_0"))
+    for name, want in expected_tensors(models[model]).items():
+        qtype, data = written[name]
+        if want.ndim < 2:
+            assert qtype == gguf.GGMLQuantizationType.F32
+            continue
+        assert qtype == gguf.GGMLQuantizationType.Q8_0, name
+        blocks = want.reshape(-1, 32)
+        scale = np.abs(blocks).max(axis=1, keepdims=True) / 127  # Q8_0: 32 values share one fp16 scale
+        error = np.abs(data.reshape(-1, 32) - blocks)
+        assert (error <= 0.57 * scale + 1e-12).all(), f"{name}: max error {error.max()} over bound"
+        assert error.max() > 0  # it really was quantized
+
+
+@pytest.mark.parametrize("quant,ftype", [("q8_0", 7), ("q4_0", 2)])
+def test_quantized_bytes_equal_ggml_c_quantizer(build, tmp_path, quant, ftype):
+    """Our numpy-quantized tensors are bit-identical to llama.cpp's own quantizer run on the F32 file."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.pure, params.nthread = ftype, True, 2
+    reference = tmp_path / f"ggml-{quant}.gguf"
+    assert llama_cpp.llama_model_quantize(str(build("llama", "f32")).encode(), str(reference).encode(),
+                                          ctypes.byref(params)) == 0
+    ours = {t.name: t for t in gguf.GGUFReader(build("llama", quant)).tensors}
+    compared = 0
+    for theirs in gguf.GGUFReader(reference).tensors:
+        if theirs.tensor_type.name == quant.upper() and ours[theirs.name].tensor_type == theirs.tensor_type:
+            assert bytes(ours[theirs.name].data) == bytes(theirs.data), theirs.name
+            compared += 1
+    assert compared >= 15  # every matrix of the tiny llama (7 per layer, embeddings, output)
+
+
+REQUIRED_KEYS = [
+    "general.architecture", "general.file_type", "general.quantization_version", "{arch}.context_length",
+    "{arch}.embedding_length", "{arch}.block_count", "{arch}.feed_forward_length", "{arch}.attention.head_count",
+    "{arch}.attention.head_count_kv", "{arch}.attention.layer_norm_rms_epsilon", "{arch}.rope.freq_base",
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+]
+
+
+@pytest.mark.parametrize("model,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("llama-spm", "llama")])
+def test_metadata_llama_cpp_needs(build, models, model, arch):
+    reader = gguf.GGUFReader(build(model, "f16"))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    for key in REQUIRED_KEYS:
+        assert key.format(arch=arch) in fields, key
+    config = json.loads((models[model] / "config.json").read_text())
+    assert fields["general.architecture"] == arch
+    assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
+    assert fields[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
+    assert fields[f"{arch}.rope.freq_base"] == pytest.approx(config["rope_parameters"]["rope_theta"])
+    assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
+    if model == "llama-spm":
+        assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.scores" in fields
+    else:
+        assert fields["tokenizer.ggml.model"] == "gpt2" and fields["tokenizer.ggml.pre"] == "smollm"
+        assert len(fields["tokenizer.ggml.merges"]) > 40000
+        assert fields["tokenizer.chat_template"] == (models[model] / "chat_template.jinja").read_text()
+
+
+def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
+    from pipeline.formats.gguf import LlamaCppRuntime
+
+    runtime = LlamaCppRuntime(path, n_ctx=256)
+    try:
+        return runtime.logits(ids)
+    finally:
+        runtime.close()
+
+
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm"])
+def test_llama_cpp_logits_match_transformers(build, models, model):
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(models[model])
+    ids = tokenizer("Alice was beginning to get very tired of sitting by her sister on the bank.").input_ids[:48]
+    hf = AutoModelForCausalLM.from_pretrained(models[model], dtype=torch.float32).eval()
+    with torch.inference_mode():
+        want = hf(torch.tensor([ids])).logits[0].numpy()
+    got = llama_cpp_logits(build(model, "f32"), ids)
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() < 2e-2 * np.abs(want).max(), np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+
+
+@pytest.mark.parametrize("model", ["llama", "llama-spm"])
+def test_gguf_tokenizer_gives_hf_ids(build, models, model):
+    from pipeline.corpus import load_text
+    from pipeline.formats.gguf import LlamaCppRuntime
+
+    text = load_text("builtin:corpus", "held_out")[:3000] + TOKENIZER_PROBE_SUFFIX
+    runtime = LlamaCppRuntime(build(model, "f16"), n_ctx=64)
+    try:
+        got = runtime.tokenize(text)
+    finally:
+        runtime.close()
+    want = load_tokenizer(models[model])(text).input_ids
+    assert len(want) > 500
+    assert got == want
+
+
+def test_unknown_architecture_fails_before_writing(models, tmp_path):
+    folder = tmp_path / "gptneox"
+    shutil.copytree(models["llama"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(FormatError, match=r"does not support architecture 'gpt_neox' \(supported: llama, qwen2\)"):
+        gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))
+
+
+def test_unknown_pre_tokenizer_is_an_error_with_its_hash(models, tmp_path):
+    folder = tmp_path / "odd-tokenizer"
+    shutil.copytree(models["llama"], folder)
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    tokenizer["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
+                                  "use_regex": True}
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(FormatError, match=r"unknown BPE pre-tokenizer \(probe hash [0-9a-f]{64}\)"):
+        gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))
