@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline import formats
 
@@ -56,12 +56,13 @@ class Target(_Strict):
             raise ValueError(f"unknown format {value!r} (supported: {', '.join(sorted(formats.FORMATS))})")
         return value
 
-    @model_validator(mode="after")
-    def _known_quant(self) -> "Target":
-        quants = formats.FORMATS[self.format].QUANTS
-        if self.quant not in quants:
-            raise ValueError(f"{self.format} has no quant {self.quant!r} (supported: {', '.join(quants)})")
-        return self
+    @field_validator("quant")
+    @classmethod
+    def _known_quant(cls, value: str, info: ValidationInfo) -> str:
+        fmt = info.data.get("format")
+        if fmt in formats.FORMATS and value not in formats.FORMATS[fmt].QUANTS:
+            raise ValueError(f"{fmt} has no quant {value!r} (supported: {', '.join(formats.FORMATS[fmt].QUANTS)})")
+        return value
 
 
 class Calibration(_Strict):
@@ -104,18 +105,23 @@ class Recipe(_Strict):
     def _source_from_string(cls, value: Any) -> Any:
         return {"id": value} if isinstance(value, str) else value
 
-    @model_validator(mode="after")
-    def _targets_unique_and_budgets_known(self) -> "Recipe":
-        keys = [t.key for t in self.targets]
+    @field_validator("targets")
+    @classmethod
+    def _targets_unique(cls, targets: list[Target]) -> list[Target]:
+        keys = [t.key for t in targets]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"target listed twice: {', '.join(dupes)}")
-        unknown = sorted(set(self.validation.budgets) - set(keys))
-        if unknown:
-            raise ValueError(
-                f"validation.budgets names {', '.join(unknown)}, which is not a target (targets: {', '.join(keys)})"
-            )
-        return self
+        return targets
+
+    @field_validator("validation")
+    @classmethod
+    def _budgets_name_targets(cls, validation: Validation, info: ValidationInfo) -> Validation:
+        keys = [t.key for t in info.data.get("targets") or []]
+        unknown = sorted(set(validation.budgets) - set(keys))
+        if keys and unknown:
+            raise ValueError(f"budgets for {', '.join(unknown)}, which is not a target (targets: {', '.join(keys)})")
+        return validation
 
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)
@@ -150,7 +156,8 @@ def load_recipe(path: str | Path) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        raise RecipeError("\n".join(_describe(path, lines, err) for err in exc.errors())) from None
+        problems = sorted((_describe(path, lines, err) for err in exc.errors()), key=lambda p: int(p.split(":")[1]))
+        raise RecipeError("\n".join(problems)) from None
 
 
 def _line_index(node: yaml.Node | None, path: tuple = ()) -> dict[tuple, int]:
