@@ -1,0 +1,49 @@
+"""The user's path: `weightsmith convert RECIPE` runs the Prefect flow (ephemeral, no server) end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, write_recipe
+
+
+def convert(recipe_path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", "convert", str(recipe_path)], capture_output=True,
+                          text=True, cwd=REPO, timeout=1200)
+
+
+@pytest.mark.slow
+def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
+    recipe = yaml.safe_load((REPO / "recipes" / "smollm2.yaml").read_text())
+    recipe["output"] = str(tmp_path / "artifacts")
+    path = tmp_path / "smollm2.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    run = convert(path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    model_dir = tmp_path / "artifacts" / "smollm2-135m"
+    for quant, max_ratio in (("f16", 1.001), ("q8_0", 1.01)):
+        manifest = json.loads((model_dir / f"gguf-{quant}" / "manifest.json").read_text())
+        assert manifest["status"] == "ok", manifest["reason"]
+        assert 1 / max_ratio < manifest["quality"]["ppl_ratio"] <= max_ratio
+        assert 10 < manifest["quality"]["ppl_source"] < 40 and manifest["quality"]["n_tokens"] >= 2000
+        assert manifest["smoke"]["tokenizer"]["matches"] and manifest["smoke"]["chat_template"]["matches"]
+        assert "Paris" in manifest["smoke"]["generation"]["cases"][0]["text"]
+        assert manifest["validated_on"]["runtime"].startswith("llama.cpp")
+        assert f"gguf/{quant}" in run.stdout
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["ok"] and [r["status"] for r in summary["targets"]] == ["ok"] * len(recipe["targets"])
+    assert "Finished in state Completed" in run.stderr + run.stdout
+
+
+def test_failed_budget_fails_the_flow_run(tiny_llama, tmp_path):
+    path = write_recipe(tmp_path, tiny_llama, [("gguf", "q4_0")], budgets={"gguf/q4_0": {"max_ppl_ratio": 1.0000001}})
+    run = convert(path)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "TargetsFailed: 1 target(s) failed: gguf/q4_0" in run.stdout + run.stderr
+    assert "failed" in run.stdout and "perplexity ratio" in run.stdout
