@@ -22,7 +22,6 @@ from pipeline.recipe import SourceSpec
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
-SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -184,23 +183,36 @@ def file_sha256(path: Path) -> str:
 
 
 class Checkpoint:
-    """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint, without loading it whole."""
+    """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint.
+
+    Tensors are read with plain positioned reads rather than through a memory map: a mapped file's pages stay in
+    the process's resident set once touched, so streaming a whole model through an mmap grows RSS to the model's
+    size. Reading one tensor at a time keeps peak memory at about one tensor. The header layout (8-byte length,
+    JSON table of dtype, shape and byte offsets) is the safetensors specification.
+    """
+
+    DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
 
     def __init__(self, path: Path):
-        from safetensors import safe_open
-
         self.path = Path(path)
-        self._files = {f: safe_open(f, framework="pt") for f in sorted(self.path.glob("*.safetensors"))}
-        self._where = {name: f for f, handle in self._files.items() for name in handle.keys()}
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            with open(file, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            header.pop("__metadata__", None)
+            for name, entry in header.items():
+                self._entries[name] = (file, 8 + size, entry)
 
     def names(self) -> list[str]:
-        return list(self._where)
+        return list(self._entries)
 
     def shard(self, name: str) -> Path:
-        return self._where[name]
+        return self._entries[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._files[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._entries[name][2]["shape"])
 
     def numel(self, name: str) -> int:
         n = 1
@@ -209,17 +221,28 @@ class Checkpoint:
         return n
 
     def dtype(self, name: str) -> str:
-        return self._files[self._where[name]].get_slice(name).get_dtype()
+        return self._entries[name][2]["dtype"]
 
     def dtype_summary(self) -> str:
         counts: dict[str, int] = {}
-        for name in self._where:
+        for name in self._entries:
             counts[self.dtype(name)] = counts.get(self.dtype(name), 0) + self.numel(name)
         top = max(counts, key=counts.get) if counts else "unknown"
-        return SAFETENSORS_DTYPES.get(top, top.lower())
+        return self.DTYPES.get(top, top.lower())
 
     def tensor(self, name: str):
-        return self._files[self._where[name]].get_tensor(name)
+        import torch
+
+        file, base, entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with open(file, "rb") as fh:
+            fh.seek(base + start)
+            fh.readinto(buffer)
+        dtype = getattr(torch, self.DTYPES[entry["dtype"]])
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

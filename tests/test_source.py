@@ -92,3 +92,16 @@ def test_not_a_folder_nor_a_hub_id():
 def test_folder_without_config(tmp_path):
     with pytest.raises(SourceError, match="no config.json"):
         resolve_source(SourceSpec(id=str(tmp_path)))
+
+
+def test_checkpoint_reads_every_tensor_exactly(smollm2_dir, tiny_llama):
+    from pipeline.source import Checkpoint
+
+    for folder in (smollm2_dir, tiny_llama):
+        checkpoint = Checkpoint(folder)
+        tensors = load_file(folder / "model.safetensors")
+        assert sorted(checkpoint.names()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            got = checkpoint.tensor(name)
+            assert got.dtype == tensor.dtype and checkpoint.shape(name) == tuple(tensor.shape)
+            assert torch.equal(got, tensor), name

@@ -101,14 +101,25 @@ def _writing_order(plan: TensorPlan) -> tuple:
     return (0 if parts[0] == "token_embd" else 2, 0, plan.gguf_name)
 
 
+CHUNK_ELEMENTS = 1 << 22  # convert and quantize 4M values (16 MB in float32) at a time
+
+
 def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -> np.ndarray:
-    """One Hugging Face tensor (torch) as the bytes llama.cpp expects: float32, q/k permuted if needed, quantized."""
-    data = tensor.float().numpy()
+    """One Hugging Face tensor (torch) as the bytes llama.cpp expects: q/k permuted if needed, then converted to
+    float32 and quantized a block of rows at a time, so that a large embedding never exists as a whole in float32."""
     if arch.permute_qk and plan.gguf_name.endswith(("attn_q.weight", "attn_q.bias")):
-        data = permute_qk(data, config["num_attention_heads"])
+        tensor = permute_qk(tensor, config["num_attention_heads"])
     elif arch.permute_qk and plan.gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
-        data = permute_qk(data, config.get("num_key_value_heads") or config["num_attention_heads"])
-    return gguf.quants.quantize(data, plan.qtype)
+        tensor = permute_qk(tensor, config.get("num_key_value_heads") or config["num_attention_heads"])
+    rows = tensor.reshape(-1, tensor.shape[-1])
+    step = max(1, CHUNK_ELEMENTS // rows.shape[1])
+    out = None
+    for start in range(0, rows.shape[0], step):
+        part = gguf.quants.quantize(rows[start:start + step].float().numpy(), plan.qtype)
+        if out is None:
+            out = np.empty((rows.shape[0], part.shape[1]), dtype=part.dtype)
+        out[start:start + len(part)] = part
+    return out
 
 
 def build(source, target, out_dir: Path, *, name: str, progress: Progress | None = None) -> dict[str, Any]:
