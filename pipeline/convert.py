@@ -120,7 +120,7 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
     start = time.perf_counter()
     try:
         log.info("%s: smoke test", target.key)
-        result = fmt.smoke(final, reference(source, recipe.validation), recipe.validation)
+        result = fmt.smoke(final, reference(source, recipe.validation, recipe.dtype), recipe.validation)
     except Exception as exc:
         log.error("%s: smoke test crashed: %s", target.key, exc)
         return _finish(final, manifest, "failed", f"smoke test crashed: {exc}", {})

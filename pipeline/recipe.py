@@ -92,7 +92,8 @@ class Validation(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: SourceSpec
-    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # precision the source model runs in as the validation reference (auto: as stored; float32 suits CPUs)
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
     targets: list[Target] = Field(min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     validation: Validation = Field(default_factory=Validation)

@@ -79,15 +79,16 @@ class Reference:
 _REFERENCES: dict[tuple, Reference] = {}
 
 
-def reference(source: SourceInfo, validation: Validation) -> Reference:
-    """The source model's outputs on the validation text and prompts; computed once per process and source."""
-    key = (source.fingerprint, validation.model_dump_json(exclude={"budgets"}))
+def reference(source: SourceInfo, validation: Validation, dtype: str = "float32") -> Reference:
+    """The source model's outputs on the validation text and prompts, run in `dtype` ("auto": as stored);
+    computed once per process, source and settings."""
+    key = (source.fingerprint, validation.model_dump_json(exclude={"budgets"}), dtype)
     if key not in _REFERENCES:
-        _REFERENCES[key] = _compute_reference(source, validation)
+        _REFERENCES[key] = _compute_reference(source, validation, dtype)
     return _REFERENCES[key]
 
 
-def _compute_reference(source: SourceInfo, validation: Validation) -> Reference:
+def _compute_reference(source: SourceInfo, validation: Validation, dtype: str) -> Reference:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -95,7 +96,8 @@ def _compute_reference(source: SourceInfo, validation: Validation) -> Reference:
     transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, use_safetensors=True,
+    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+                                                 use_safetensors=True,
                                                  trust_remote_code=source.trust_remote_code).to(device).eval()
     chunks = eval_chunks(tokenizer, load_text(validation.held_out, "held_out"), validation.eval_tokens,
                          validation.context)
@@ -122,7 +124,8 @@ def _compute_reference(source: SourceInfo, validation: Validation) -> Reference:
         probe_text=probe_text,
         probe_ids=tokenizer(probe_text).input_ids,
         stop_ids=stop_ids,
-        description={"runtime": f"transformers {transformers.__version__}", "device": device, "dtype": "float32"},
+        description={"runtime": f"transformers {transformers.__version__}", "device": device,
+                     "dtype": str(model.dtype).removeprefix("torch.")},
     )
 
 

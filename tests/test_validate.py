@@ -139,3 +139,26 @@ def test_cli_exit_status_follows_the_outcome(tiny_llama, tmp_path):
                          capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stderr
     assert "gguf/f16" in run.stdout and " ok " in run.stdout
+
+
+def test_missing_runtime_is_reported_not_run_with_the_extra(tiny_llama, tmp_path, monkeypatch):
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gguf", "f16")]))
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as if llama-cpp-python were not installed
+    summary = run_recipe(recipe)
+    (row,) = summary["targets"]
+    assert row["status"] == "not_run"
+    assert row["reason"] == "smoke: llama-cpp-python is not installed: pip install 'weightsmith[gguf]'"
+    assert summary["ok"] is True  # not run is not a failure, and says so
+    manifest = json.loads((recipe.output_dir() / "gguf-f16" / "manifest.json").read_text())
+    assert manifest["status"] == "not_run" and manifest["quality"] is None and manifest["files"]
+
+
+def test_step_needing_absent_hardware_is_not_run(tiny_llama, tmp_path, monkeypatch):
+    from pipeline.formats import gguf as gguf_format
+
+    monkeypatch.setattr(gguf_format, "HARDWARE", {"build": ("cuda",), "smoke": ("cuda",)})
+    recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gguf", "f16")]))
+    (row,) = run_recipe(recipe)["targets"]
+    assert row["status"] == "not_run" and row["reason"].startswith("no_cuda_device: build needs cuda")
+    folder = recipe.output_dir() / "gguf-f16"
+    assert [p.name for p in folder.iterdir()] == ["manifest.json"]  # no artifact file, only the reason
