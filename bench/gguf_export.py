@@ -30,7 +30,8 @@ from pathlib import Path
 from pipeline.formats import gguf
 from pipeline.recipe import Target
 from pipeline.source import inspect_checkpoint
-gguf.build(inspect_checkpoint(Path(sys.argv[1])), Target(format="gguf", quant=sys.argv[2]), Path(sys.argv[3]), name="bench")
+source, target = inspect_checkpoint(Path(sys.argv[1])), Target(format="gguf", quant=sys.argv[2])
+gguf.build(source, target, Path(sys.argv[3]), name="bench")
 """
 
 
@@ -44,16 +45,31 @@ def reference_converter() -> Path:
     if script.is_file():
         return script
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
-                        f"llama-cpp-python=={release}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                "-d",
+                tmp,
+                f"llama-cpp-python=={release}",
+            ],
+            check=True,
+        )
         (sdist,) = Path(tmp).glob("*.tar.gz")
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         with tarfile.open(sdist) as tar:
-            members = [m for m in tar.getmembers() if m.name.startswith(prefix) and
-                       m.name[len(prefix):].startswith(wanted)]
+            members = [
+                m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
+            ]
             for m in members:
-                m.name = m.name[len(prefix):]
+                m.name = m.name[len(prefix) :]
             tar.extractall(root, members=members, filter="data")
     return script
 
@@ -86,9 +102,14 @@ def tensors_identical(a: Path, b: Path) -> str:
 
     ours = {t.name: t for t in gguf.GGUFReader(a).tensors}
     theirs = {t.name: t for t in gguf.GGUFReader(b).tensors}
-    same = sum(1 for name, t in theirs.items() if name in ours and ours[name].tensor_type == t.tensor_type and
-               bytes(ours[name].data) == bytes(t.data))
-    return f"{same}/{len(theirs)}" + ("" if set(ours) == set(theirs) else f" (names differ: {len(set(ours) ^ set(theirs))})")
+    same = sum(
+        1
+        for name, t in theirs.items()
+        if name in ours and ours[name].tensor_type == t.tensor_type and bytes(ours[name].data) == bytes(t.data)
+    )
+    return f"{same}/{len(theirs)}" + (
+        "" if set(ours) == set(theirs) else f" (names differ: {len(set(ours) ^ set(theirs))})"
+    )
 
 
 def main() -> None:
@@ -109,20 +130,36 @@ def main() -> None:
         for quant in args.types.split(","):
             out_ours, out_ref = Path(tmp, f"ours-{quant}"), Path(tmp, f"ref-{quant}.gguf")
             out_ours.mkdir()
-            ours = [measure([sys.executable, "-c", OURS, str(source.path), quant, str(out_ours)], env)
-                    for _ in range(args.repeat)]
-            ref = [measure([sys.executable, str(converter), str(source.path), "--outtype", quant, "--outfile",
-                            str(out_ref)]) for _ in range(args.repeat)]
+            ours = [
+                measure([sys.executable, "-c", OURS, str(source.path), quant, str(out_ours)], env)
+                for _ in range(args.repeat)
+            ]
+            ref = [
+                measure(
+                    [sys.executable, str(converter), str(source.path), "--outtype", quant, "--outfile", str(out_ref)]
+                )
+                for _ in range(args.repeat)
+            ]
             (ours_file,) = out_ours.glob("*.gguf")
             identical = tensors_identical(ours_file, out_ref)
             for tool, runs, path in (("weightsmith", ours, ours_file), ("convert_hf_to_gguf.py", ref, out_ref)):
-                rows.append([quant, tool, f"{min(r[0] for r in runs):.2f}", f"{max(r[1] for r in runs):.0f}",
-                             f"{path.stat().st_size / 1e6:.1f}", identical])
+                rows.append(
+                    [
+                        quant,
+                        tool,
+                        f"{min(r[0] for r in runs):.2f}",
+                        f"{max(r[1] for r in runs):.0f}",
+                        f"{path.stat().st_size / 1e6:.1f}",
+                        identical,
+                    ]
+                )
 
     header = ["type", "tool", "wall_s", "peak_rss_mb", "size_mb", "identical_tensors"]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(f"source: {source.spec} ({source.n_params / 1e6:.1f}M parameters, {source.dtype}); "
-          f"llama.cpp converter from llama-cpp-python {version('llama-cpp-python')}; {os.cpu_count()} CPUs")
+    print(
+        f"source: {source.spec} ({source.n_params / 1e6:.1f}M parameters, {source.dtype}); "
+        f"llama.cpp converter from llama-cpp-python {version('llama-cpp-python')}; {os.cpu_count()} CPUs"
+    )
     for row in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
 

@@ -62,8 +62,14 @@ def convert(recipe_path: str) -> dict:
     summary = steps.summarize(recipe, source, manifests, started)
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
-    get_run_logger().info("%s: %d ok, %d failed, %d not run; summary in %s", recipe.name, counts["ok"],
-                          counts["failed"], counts["not_run"], recipe.output_dir())
+    get_run_logger().info(
+        "%s: %d ok, %d failed, %d not run; summary in %s",
+        recipe.name,
+        counts["ok"],
+        counts["failed"],
+        counts["not_run"],
+        recipe.output_dir(),
+    )
     failed = [row["target"] for row in summary["targets"] if row["status"] == "failed"]
     if failed:
         raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})")
@@ -73,11 +79,29 @@ def convert(recipe_path: str) -> dict:
 def publish(summary: dict) -> None:
     """The run's results as Prefect artifacts: a table, and a markdown note linking the manifests."""
     key = "convert-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
-    columns = ["target", "status", "size_mb", "ppl", "ppl_ratio", "top1", "kl_mean", "build_s", "validate_s",
-               "validated_on", "reason"]
-    create_table_artifact([{c: row.get(c) for c in columns} for row in summary["targets"]], key=key,
-                          description=f"weightsmith results for {summary['model']}")
+    columns = [
+        "target",
+        "status",
+        "size_mb",
+        "ppl",
+        "ppl_ratio",
+        "top1",
+        "kl_mean",
+        "build_s",
+        "validate_s",
+        "validated_on",
+        "reason",
+    ]
+    create_table_artifact(
+        [{c: row.get(c) for c in columns} for row in summary["targets"]],
+        key=key,
+        description=f"weightsmith results for {summary['model']}",
+    )
     lines = [f"# {summary['model']}", "", f"source: `{summary['source']['spec']}`", ""]
-    lines += [f"- **{r['target']}**: {r['status']}" + (f" ({r['reason']})" if r["reason"] else "") +
-              f" — manifest `{r['manifest']}`" for r in summary["targets"]]
+    lines += [
+        f"- **{r['target']}**: {r['status']}"
+        + (f" ({r['reason']})" if r["reason"] else "")
+        + f" — manifest `{r['manifest']}`"
+        for r in summary["targets"]
+    ]
     create_markdown_artifact("\n".join(lines), key=f"{key}-summary", description="manifests of this run")

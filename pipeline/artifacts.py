@@ -16,9 +16,10 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -129,33 +130,44 @@ def read_manifest(folder: Path) -> Manifest | None:
 def verify_files(folder: Path, manifest: Manifest) -> list[str]:
     """Files that are missing or differ from what the manifest recorded (empty when the folder is intact)."""
     present = {f.path: f for f in list_files(folder)}
-    return [f.path for f in manifest.files if present.get(f.path) != f] + [p for p in present if p not in
-                                                                            {f.path for f in manifest.files}]
+    return [f.path for f in manifest.files if present.get(f.path) != f] + [
+        p for p in present if p not in {f.path for f in manifest.files}
+    ]
 
 
 def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
     rows = []
     for m in manifests:
         quality = m.quality or {}
-        rows.append({
-            "target": m.target,
-            "status": m.status,
-            "size_mb": round(m.size / 1e6, 1),
-            "ppl": quality.get("ppl"),
-            "ppl_ratio": quality.get("ppl_ratio"),
-            "top1": quality.get("top1_agreement"),
-            "kl_mean": quality.get("kl_mean"),
-            "build_s": m.timings.get("build_s"),
-            "validate_s": m.timings.get("validate_s"),
-            "validated_on": (m.validated_on or {}).get("runtime"),
-            "reason": m.reason,
-        })
+        rows.append(
+            {
+                "target": m.target,
+                "status": m.status,
+                "size_mb": round(m.size / 1e6, 1),
+                "ppl": quality.get("ppl"),
+                "ppl_ratio": quality.get("ppl_ratio"),
+                "top1": quality.get("top1_agreement"),
+                "kl_mean": quality.get("kl_mean"),
+                "build_s": m.timings.get("build_s"),
+                "validate_s": m.timings.get("validate_s"),
+                "validated_on": (m.validated_on or {}).get("runtime"),
+                "reason": m.reason,
+            }
+        )
     return rows
 
 
 TABLE_COLUMNS = {  # column -> format of its numbers
-    "target": "{}", "status": "{}", "size_mb": "{:.1f}", "ppl": "{:.3f}", "ppl_ratio": "{:.4f}", "top1": "{:.4f}",
-    "kl_mean": "{:.5f}", "build_s": "{:.1f}", "validate_s": "{:.1f}", "reason": "{}",
+    "target": "{}",
+    "status": "{}",
+    "size_mb": "{:.1f}",
+    "ppl": "{:.3f}",
+    "ppl_ratio": "{:.4f}",
+    "top1": "{:.4f}",
+    "kl_mean": "{:.5f}",
+    "build_s": "{:.1f}",
+    "validate_s": "{:.1f}",
+    "reason": "{}",
 }
 
 

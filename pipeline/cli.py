@@ -36,8 +36,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="weightsmith", description="Convert Hugging Face checkpoints into validated "
-                                     "GGUF (and more) artifacts.")
+    parser = argparse.ArgumentParser(
+        prog="weightsmith", description="Convert Hugging Face checkpoints into validated GGUF (and more) artifacts."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="build and validate every target of a recipe")
     convert.add_argument("recipe", help="path to a recipe YAML file")
@@ -83,8 +84,10 @@ def _run_flow(path: str, recipe) -> dict:
 
 def _validate(args) -> int:
     recipe = load_recipe(args.recipe)
-    print(f"{args.recipe}: ok: {recipe.name} from {recipe.source.id}, {len(recipe.targets)} target(s): "
-          f"{', '.join(t.key for t in recipe.targets)}; output {recipe.output_dir()}")
+    print(
+        f"{args.recipe}: ok: {recipe.name} from {recipe.source.id}, {len(recipe.targets)} target(s): "
+        f"{', '.join(t.key for t in recipe.targets)}; output {recipe.output_dir()}"
+    )
     return 0
 
 

@@ -15,8 +15,19 @@ from typing import Any
 
 from pipeline import hardware
 from pipeline.artifacts import (
-    MANIFEST, SUMMARY, Manifest, format_table, list_files, now, read_manifest, remove_stale, staging_dir, summary_rows,
-    verify_files, write_json, write_manifest,
+    MANIFEST,
+    SUMMARY,
+    Manifest,
+    format_table,
+    list_files,
+    now,
+    read_manifest,
+    remove_stale,
+    staging_dir,
+    summary_rows,
+    verify_files,
+    write_json,
+    write_manifest,
 )
 from pipeline.formats import FORMATS
 from pipeline.recipe import Recipe, Target
@@ -29,8 +40,15 @@ log = logging.getLogger("weightsmith")
 def prepare(recipe: Recipe) -> SourceInfo:
     log.info("resolving source %s", recipe.source.id)
     source = resolve_source(recipe.source, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
-    log.info("source: %s (%s, %.1fM parameters, %s, %d shard(s)) at %s", source.architecture, source.model_type,
-             source.n_params / 1e6, source.dtype, len(source.shards), source.path)
+    log.info(
+        "source: %s (%s, %.1fM parameters, %s, %d shard(s)) at %s",
+        source.architecture,
+        source.model_type,
+        source.n_params / 1e6,
+        source.dtype,
+        len(source.shards),
+        source.path,
+    )
     for stale in remove_stale(recipe.output_dir()) if recipe.output_dir().exists() else []:
         log.warning("removed %s left by an interrupted run", stale.name)
     return source
@@ -50,10 +68,16 @@ def cannot_run(fmt, step: str) -> str | None:
 def _base_manifest(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
     budget = recipe.budget(target)
     return Manifest(
-        model=recipe.name, target=target.key, format=target.format, quant=target.quant, status="built",
-        source=source.describe(), recipe_entry=target.model_dump(mode="json"),
+        model=recipe.name,
+        target=target.key,
+        format=target.format,
+        quant=target.quant,
+        status="built",
+        source=source.describe(),
+        recipe_entry=target.model_dump(mode="json"),
         budget=budget.model_dump(mode="json") if budget else None,
-        versions=hardware.versions(), built_on=hardware.describe(),
+        versions=hardware.versions(),
+        built_on=hardware.describe(),
     )
 
 
@@ -70,14 +94,20 @@ def build_target(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest
         log.info("%s: building", target.key)
         with staging_dir(final) as tmp:
             info = fmt.build(source, target, tmp, name=recipe.name, progress=_progress(target.key))
-            manifest = manifest.model_copy(update={
-                "files": list_files(tmp), "build": info, "timings": {"build_s": round(time.perf_counter() - start, 2)},
-            })
+            manifest = manifest.model_copy(
+                update={
+                    "files": list_files(tmp),
+                    "build": info,
+                    "timings": {"build_s": round(time.perf_counter() - start, 2)},
+                }
+            )
             write_manifest(tmp, manifest)
     except Exception as exc:  # recorded, not raised: the other targets go on
         log.error("%s: build failed: %s", target.key, exc)
         log.debug("%s", traceback.format_exc())
-        return _record_without_artifact(final, manifest.model_copy(update={"status": "failed", "reason": f"build: {exc}"}))
+        return _record_without_artifact(
+            final, manifest.model_copy(update={"status": "failed", "reason": f"build: {exc}"})
+        )
     log.info("%s: built %s (%.1f MB) in %.1f s", target.key, final, manifest.size / 1e6, manifest.timings["build_s"])
     return read_manifest(final)
 
@@ -126,13 +156,21 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
         return _finish(final, manifest, "failed", f"smoke test crashed: {exc}", {})
     failures = result["failures"] + judge(result["quality"], recipe.budget(target))
     updates = {
-        "smoke": result["smoke"], "quality": result["quality"],
+        "smoke": result["smoke"],
+        "quality": result["quality"],
         "validated_on": {**hardware.describe(), "runtime": result["smoke"]["runtime"]["runtime"]},
         "timings": {**manifest.timings, "validate_s": round(time.perf_counter() - start, 2)},
     }
     quality = result["quality"]
-    log.info("%s: ppl %.3f (source %.3f, ratio %.4f), top-1 %.3f, KL %.5f", target.key, quality["ppl"],
-             quality["ppl_source"], quality["ppl_ratio"], quality["top1_agreement"], quality["kl_mean"])
+    log.info(
+        "%s: ppl %.3f (source %.3f, ratio %.4f), top-1 %.3f, KL %.5f",
+        target.key,
+        quality["ppl"],
+        quality["ppl_source"],
+        quality["ppl_ratio"],
+        quality["top1_agreement"],
+        quality["kl_mean"],
+    )
     return _finish(final, manifest, "failed" if failures else "ok", "; ".join(failures) or None, updates)
 
 

@@ -8,8 +8,17 @@ import platform
 import socket
 from functools import lru_cache
 
-LIBRARIES = ("weightsmith", "torch", "transformers", "safetensors", "tokenizers", "gguf", "llama-cpp-python",
-             "numpy", "prefect")
+LIBRARIES = (
+    "weightsmith",
+    "torch",
+    "transformers",
+    "safetensors",
+    "tokenizers",
+    "gguf",
+    "llama-cpp-python",
+    "numpy",
+    "prefect",
+)
 
 
 def _cpu_name() -> str:

@@ -20,8 +20,17 @@ from pydantic import BaseModel
 from pipeline.recipe import SourceSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "added_tokens.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "added_tokens.json",
+)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -62,7 +71,11 @@ def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote
     if spec.id.startswith("bundled:"):
         from pipeline import bundled
 
-        path, revision, kind = bundled.materialise(spec.id.removeprefix("bundled:")), bundled.revision(spec.id), "bundled"
+        path, revision, kind = (
+            bundled.materialise(spec.id.removeprefix("bundled:")),
+            bundled.revision(spec.id),
+            "bundled",
+        )
     elif Path(spec.id).expanduser().exists():
         path, revision, kind = Path(spec.id).expanduser().resolve(), spec.revision, "local"
     elif HUB_ID.match(spec.id) and not spec.id.startswith((".", "~")):
@@ -70,13 +83,14 @@ def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote
         revision = path.name  # snapshot folders are named after the commit
     else:
         raise SourceError(f"source {spec.id!r}: no such folder, and not a hub id of the form 'owner/name'")
-    return inspect_checkpoint(path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle,
-                              trust_remote_code=trust_remote_code)
+    return inspect_checkpoint(
+        path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+    )
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
-    from huggingface_hub import snapshot_download
     from huggingface_hub import errors as hf_errors
+    from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
     if allow_pickle:
@@ -90,15 +104,26 @@ def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
             f"elsewhere and set source to the local folder"
         ) from None
     except hf_errors.RepositoryNotFoundError:
-        raise SourceError(f"source {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN)") from None
+        raise SourceError(
+            f"source {repo_id!r}: no such repository on the hub (or it is private: set HF_TOKEN)"
+        ) from None
     except hf_errors.RevisionNotFoundError:
         raise SourceError(f"source {repo_id!r}: revision {revision!r} not found on the hub") from None
     except hf_errors.GatedRepoError:
-        raise SourceError(f"source {repo_id!r}: gated repository: accept its licence on the hub and set HF_TOKEN") from None
+        raise SourceError(
+            f"source {repo_id!r}: gated repository: accept its licence on the hub and set HF_TOKEN"
+        ) from None
 
 
-def inspect_checkpoint(path: Path, *, spec: str | None = None, kind: str = "local", revision: str | None = None,
-                       allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceInfo:
+def inspect_checkpoint(
+    path: Path,
+    *,
+    spec: str | None = None,
+    kind: str = "local",
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> SourceInfo:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SourceError(f"source {str(path)!r}: no config.json: not a Hugging Face checkpoint folder")
@@ -191,8 +216,18 @@ class Checkpoint:
     JSON table of dtype, shape and byte offsets) is the safetensors specification.
     """
 
-    DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64", "I64": "int64",
-              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+    DTYPES = {
+        "BF16": "bfloat16",
+        "F16": "float16",
+        "F32": "float32",
+        "F64": "float64",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }
 
     def __init__(self, path: Path):
         self.path = Path(path)

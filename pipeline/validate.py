@@ -96,26 +96,26 @@ def _compute_reference(source: SourceInfo, validation: Validation, dtype: str) -
     transformers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype if dtype == "auto" else getattr(torch, dtype),
-                                                 use_safetensors=True,
-                                                 trust_remote_code=source.trust_remote_code).to(device).eval()
-    chunks = eval_chunks(tokenizer, load_text(validation.held_out, "held_out"), validation.eval_tokens,
-                         validation.context)
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            use_safetensors=True,
+            trust_remote_code=source.trust_remote_code,
+        )
+        .to(device)
+        .eval()
+    )
+    held_out = load_text(validation.held_out, "held_out")
+    chunks = eval_chunks(tokenizer, held_out, validation.eval_tokens, validation.context)
     stop_ids = _stop_ids(model, tokenizer)
     with torch.inference_mode():
         logprobs = [
             torch.log_softmax(model(torch.tensor([c], device=device)).logits[0, :-1].float(), -1).cpu().numpy()
             for c in chunks
         ]
-        prompts = []
-        for prompt in validation.prompts:
-            rendered = render_prompt(tokenizer, prompt)
-            ids = tokenizer(rendered, add_special_tokens=tokenizer.chat_template is None).input_ids
-            out = model.generate(torch.tensor([ids], device=device), attention_mask=torch.ones(1, len(ids), device=device,
-                                 dtype=torch.long), max_new_tokens=validation.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id or next(iter(stop_ids), 0))
-            prompts.append(PromptCase(prompt, rendered, ids, out[0, len(ids):].tolist()))
-    probe_text = load_text(validation.held_out, "held_out")[:2000] + TOKENIZER_PROBE_SUFFIX
+        prompts = [_greedy_case(model, tokenizer, p, validation.max_new_tokens, stop_ids) for p in validation.prompts]
+    probe_text = held_out[:2000] + TOKENIZER_PROBE_SUFFIX
     return Reference(
         tokenizer=tokenizer,
         chunks=chunks,
@@ -124,9 +124,27 @@ def _compute_reference(source: SourceInfo, validation: Validation, dtype: str) -
         probe_text=probe_text,
         probe_ids=tokenizer(probe_text).input_ids,
         stop_ids=stop_ids,
-        description={"runtime": f"transformers {transformers.__version__}", "device": device,
-                     "dtype": str(model.dtype).removeprefix("torch.")},
+        description={
+            "runtime": f"transformers {transformers.__version__}",
+            "device": device,
+            "dtype": str(model.dtype).removeprefix("torch."),
+        },
     )
+
+
+def _greedy_case(model, tokenizer, prompt: str, max_new_tokens: int, stop_ids: set[int]) -> PromptCase:
+    import torch
+
+    rendered = render_prompt(tokenizer, prompt)
+    ids = tokenizer(rendered, add_special_tokens=tokenizer.chat_template is None).input_ids
+    out = model.generate(
+        torch.tensor([ids], device=model.device),
+        attention_mask=torch.ones(1, len(ids), device=model.device, dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or next(iter(stop_ids), 0),
+    )
+    return PromptCase(prompt, rendered, ids, out[0, len(ids) :].tolist())
 
 
 def eval_chunks(tokenizer, text: str, n_tokens: int, context: int) -> list[list[int]]:
@@ -139,14 +157,15 @@ def eval_chunks(tokenizer, text: str, n_tokens: int, context: int) -> list[list[
     n_chunks = max(1, n_tokens // context)
     if len(ids) < n_chunks * step:
         raise ValueError(f"held-out text has {len(ids)} tokens; {n_chunks} chunks of {context} need {n_chunks * step}")
-    return [bos + ids[i * step:(i + 1) * step] for i in range(n_chunks)]
+    return [bos + ids[i * step : (i + 1) * step] for i in range(n_chunks)]
 
 
 def render_prompt(tokenizer, prompt: str) -> str:
     if tokenizer.chat_template is None:
         return prompt
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def _stop_ids(model, tokenizer) -> set[int]:
@@ -198,14 +217,15 @@ def generate(ref: Reference, runtime: Runtime, max_new_tokens: int) -> dict[str,
         out = runtime.greedy(case.ids, max_new_tokens, ref.stop_ids)
         seconds += time.perf_counter() - start
         produced += len(out)
-        matching = next((i for i, (a, b) in enumerate(zip(out, case.expected)) if a != b), min(len(out), len(case.expected)))
-        cases.append({
-            "prompt": case.prompt,
-            "text": ref.tokenizer.decode(out, skip_special_tokens=True),
-            "reference_text": ref.tokenizer.decode(case.expected, skip_special_tokens=True),
-            "tokens": len(out),
-            "matching_prefix": matching,
-        })
+        cases.append(
+            {
+                "prompt": case.prompt,
+                "text": ref.tokenizer.decode(out, skip_special_tokens=True),
+                "reference_text": ref.tokenizer.decode(case.expected, skip_special_tokens=True),
+                "tokens": len(out),
+                "matching_prefix": common_prefix(out, case.expected),
+            }
+        )
     return {"cases": cases, "tokens_per_s": produced / seconds if seconds else None}
 
 
@@ -213,10 +233,17 @@ def check_tokenizer(ref: Reference, runtime: Runtime) -> dict[str, Any] | None:
     ids = runtime.tokenize(ref.probe_text)
     if ids is None:
         return None
-    mismatch = next((i for i, (a, b) in enumerate(zip(ids, ref.probe_ids)) if a != b), None)
-    if mismatch is None and len(ids) != len(ref.probe_ids):
-        mismatch = min(len(ids), len(ref.probe_ids))
-    return {"matches": mismatch is None, "n_tokens": len(ref.probe_ids), "first_mismatch": mismatch}
+    matches = ids == ref.probe_ids
+    return {
+        "matches": matches,
+        "n_tokens": len(ref.probe_ids),
+        "first_mismatch": None if matches else common_prefix(ids, ref.probe_ids),
+    }
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading items two sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def check_chat_template(ref: Reference, runtime: Runtime) -> dict[str, Any] | None:
@@ -229,8 +256,13 @@ def check_chat_template(ref: Reference, runtime: Runtime) -> dict[str, Any] | No
     env.globals["raise_exception"] = _raise
     template = env.from_string(carried["template"])
     same = all(
-        template.render(messages=[{"role": "user", "content": c.prompt}], add_generation_prompt=True,
-                        bos_token=carried["bos_token"], eos_token=carried["eos_token"]) == c.rendered
+        template.render(
+            messages=[{"role": "user", "content": c.prompt}],
+            add_generation_prompt=True,
+            bos_token=carried["bos_token"],
+            eos_token=carried["eos_token"],
+        )
+        == c.rendered
         for c in ref.prompts
     )
     return {"matches": same}

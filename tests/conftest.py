@@ -24,12 +24,30 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 TINY_CONFIGS = {
-    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-5,
-                  tie_word_embeddings=False, initializer_range=0.25),
-    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=1024, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                  tie_word_embeddings=True, initializer_range=0.25),
+    "llama": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.25,
+    ),
+    "qwen2": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.25,
+    ),
 }
 
 
@@ -46,11 +64,16 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    tokenizer_config = json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").is_file() else {}
+    tokenizer_config = (
+        json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").is_file() else {}
+    )
     vocab_size = overrides.pop("vocab_size", tokenizer_config.get("vocab_size", 49152))
     settings = {**TINY_CONFIGS[model_type], **overrides}
     config = AutoConfig.for_model(
-        model_type, vocab_size=vocab_size, bos_token_id=tokenizer_config.get("bos_token_id", 1), eos_token_id=tokenizer_config.get("eos_token_id", 2),
+        model_type,
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer_config.get("bos_token_id", 1),
+        eos_token_id=tokenizer_config.get("eos_token_id", 2),
         **settings,
     )
     torch.manual_seed(seed)
@@ -87,21 +110,45 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("spm-tokenizer")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS_FILE.read_text().split("\n")), model_writer=model, vocab_size=512,
-        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
-        split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0, minloglevel=2,
+        sentence_iterator=iter(CORPUS_FILE.read_text().split("\n")),
+        model_writer=model,
+        vocab_size=512,
+        model_type="bpe",
+        byte_fallback=True,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
     )
     (folder / "tokenizer.model").write_bytes(model.getvalue())
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        "add_bos_token": True, "add_eos_token": False,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "LlamaTokenizer",
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "add_bos_token": True,
+                "add_eos_token": False,
+            }
+        )
+    )
     AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds the tokenizer.json transformers derives
     # transformers 5 derives a Metaspace(prepend_scheme=first) pre-tokenizer that drops sentencepiece's dummy prefix
     # before a leading space; write the normalizer Llama 2's own tokenizer.json has, which matches sentencepiece.
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["normalizer"] = {"type": "Sequence", "normalizers": [
-        {"type": "Prepend", "prepend": "\u2581"}, {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+    tokenizer["normalizer"] = {
+        "type": "Sequence",
+        "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+        ],
+    }
     tokenizer["pre_tokenizer"] = None
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     (folder / "config.json").write_text(json.dumps({"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}))
@@ -121,8 +168,13 @@ def write_recipe(folder: Path, source: Path | str, targets: list[tuple[str, str]
         "name": "test-model",
         "source": str(source),
         "targets": [{"format": f, "quant": q} for f, q in targets],
-        "validation": {"eval_tokens": 256, "context": 128, "max_new_tokens": 8, "prompts": ["Hello there."],
-                       **validation},
+        "validation": {
+            "eval_tokens": 256,
+            "context": 128,
+            "max_new_tokens": 8,
+            "prompts": ["Hello there."],
+            **validation,
+        },
         "output": str(folder / "artifacts"),
     }
     path = folder / "recipe.yaml"

@@ -59,8 +59,13 @@ KILLED_BUILD = textwrap.dedent("""
 
 
 def kill_mid_build(recipe_path, repo_root) -> None:
-    proc = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(recipe_path)], stdout=subprocess.PIPE, text=True,
-                            cwd=repo_root, env={**os.environ, "PYTHONPATH": str(repo_root)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_BUILD, str(recipe_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo_root,
+        env={**os.environ, "PYTHONPATH": str(repo_root)},
+    )
     for _ in range(4):  # a few tensors are in the file: the writer is mid-way
         assert proc.stdout.readline().strip() == "WRITING"
     proc.send_signal(signal.SIGKILL)

@@ -13,8 +13,13 @@ from tests.conftest import REPO, write_recipe
 
 
 def convert(recipe_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", "convert", str(recipe_path)], capture_output=True,
-                          text=True, cwd=REPO, timeout=1200)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "convert", str(recipe_path)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=1200,
+    )
 
 
 @pytest.mark.slow

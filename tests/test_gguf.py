@@ -113,8 +113,12 @@ def test_quantized_bytes_equal_ggml_c_quantizer(build, tmp_path, quant, ftype):
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype, params.pure, params.nthread = ftype, True, 2
     reference = tmp_path / f"ggml-{quant}.gguf"
-    assert llama_cpp.llama_model_quantize(str(build("llama", "f32")).encode(), str(reference).encode(),
-                                          ctypes.byref(params)) == 0
+    assert (
+        llama_cpp.llama_model_quantize(
+            str(build("llama", "f32")).encode(), str(reference).encode(), ctypes.byref(params)
+        )
+        == 0
+    )
     ours = {t.name: t for t in gguf.GGUFReader(build("llama", quant)).tensors}
     compared = 0
     for theirs in gguf.GGUFReader(reference).tensors:
@@ -125,11 +129,24 @@ def test_quantized_bytes_equal_ggml_c_quantizer(build, tmp_path, quant, ftype):
 
 
 REQUIRED_KEYS = [
-    "general.architecture", "general.file_type", "general.quantization_version", "{arch}.context_length",
-    "{arch}.embedding_length", "{arch}.block_count", "{arch}.feed_forward_length", "{arch}.attention.head_count",
-    "{arch}.attention.head_count_kv", "{arch}.attention.layer_norm_rms_epsilon", "{arch}.rope.freq_base",
-    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
-    "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.add_bos_token",
+    "general.architecture",
+    "general.file_type",
+    "general.quantization_version",
+    "{arch}.context_length",
+    "{arch}.embedding_length",
+    "{arch}.block_count",
+    "{arch}.feed_forward_length",
+    "{arch}.attention.head_count",
+    "{arch}.attention.head_count_kv",
+    "{arch}.attention.layer_norm_rms_epsilon",
+    "{arch}.rope.freq_base",
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.add_bos_token",
 ]
 
 
@@ -207,8 +224,12 @@ def test_unknown_pre_tokenizer_is_an_error_with_its_hash(models, tmp_path):
     folder = tmp_path / "odd-tokenizer"
     shutil.copytree(models["llama"], folder)
     tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    tokenizer["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True,
-                                  "use_regex": True}
+    tokenizer["pre_tokenizer"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": True,
+        "trim_offsets": True,
+        "use_regex": True,
+    }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(FormatError, match=r"unknown BPE pre-tokenizer \(probe hash [0-9a-f]{64}\)"):
         gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))

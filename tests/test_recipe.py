@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.recipe import Recipe, RecipeError, load_recipe
 
@@ -35,18 +36,25 @@ def test_shipped_recipe_loads():
 
 
 def test_defaults_and_hub_source_with_revision(tmp_path):
-    recipe = load_recipe(write(tmp_path, """
+    recipe = load_recipe(
+        write(
+            tmp_path,
+            """
         name: qwen
         source: {id: Qwen/Qwen2.5-0.5B-Instruct, revision: 7ae557604adf67be50417f59c2c2f167def9a775}
         targets: [{format: gguf, quant: q8_0}]
-    """))
+    """,
+        )
+    )
     assert recipe.source.revision.startswith("7ae5576")
     assert recipe.calibration.text == "builtin:corpus" and recipe.validation.prompts
     assert recipe.output_dir(tmp_path) == tmp_path / "artifacts" / "qwen"
 
 
 def test_unknown_keys_name_the_key_its_line_and_what_is_allowed(tmp_path):
-    lines = errors(tmp_path, """
+    lines = errors(
+        tmp_path,
+        """
         name: x
         source: bundled:smollm2-135m
         targetz: []
@@ -54,7 +62,8 @@ def test_unknown_keys_name_the_key_its_line_and_what_is_allowed(tmp_path):
           - format: gguf
             quant: f16
             opts: {}
-    """)
+    """,
+    )
     assert lines == [
         f"{tmp_path / 'recipe.yaml'}:3: targetz: unknown key 'targetz' (allowed here: name, source, dtype, targets, "
         "calibration, validation, output, allow_pickle, trust_remote_code)",
@@ -63,7 +72,9 @@ def test_unknown_keys_name_the_key_its_line_and_what_is_allowed(tmp_path):
 
 
 def test_bad_values_point_at_their_line(tmp_path):
-    lines = errors(tmp_path, """
+    lines = errors(
+        tmp_path,
+        """
         name: x
         source: bundled:smollm2-135m
         targets:
@@ -75,59 +86,79 @@ def test_bad_values_point_at_their_line(tmp_path):
           eval_tokens: 10
           budgets:
             gguf/q9: {max_ppl: 2}
-    """)
+    """,
+    )
     assert lines[0].endswith(":5: targets[0].quant: gguf has no quant 'q9' (supported: f32, f16, bf16, q8_0, q4_0)")
     assert lines[1].endswith(":6: targets[1].format: unknown format 'tensorflow' (supported: gguf)")
     assert lines[2].endswith(":9: validation.eval_tokens: Input should be greater than or equal to 32 (got 10)")
-    assert lines[3].endswith(":11: validation.budgets.gguf/q9.max_ppl: unknown key 'max_ppl' "
-                             "(allowed here: max_ppl_ratio, min_top1, max_kl_mean)")
+    assert lines[3].endswith(
+        ":11: validation.budgets.gguf/q9.max_ppl: unknown key 'max_ppl' "
+        "(allowed here: max_ppl_ratio, min_top1, max_kl_mean)"
+    )
 
 
 def test_cross_field_errors(tmp_path):
-    lines = errors(tmp_path, """
+    lines = errors(
+        tmp_path,
+        """
         name: x
         source: ./model
         targets:
           - {format: gguf, quant: f16}
           - {format: gguf, quant: f16}
-    """)
+    """,
+    )
     assert lines == [f"{tmp_path / 'recipe.yaml'}:3: targets: target listed twice: gguf/f16"]
-    lines = errors(tmp_path, """
+    lines = errors(
+        tmp_path,
+        """
         name: x
         source: ./model
         targets: [{format: gguf, quant: f16}]
         validation:
           budgets:
             gguf/q8_0: {max_ppl_ratio: 1.01}
-    """)
-    assert lines == [f"{tmp_path / 'recipe.yaml'}:4: validation: budgets for gguf/q8_0, which is not a target "
-                     "(targets: gguf/f16)"]
+    """,
+    )
+    assert lines == [
+        f"{tmp_path / 'recipe.yaml'}:4: validation: budgets for gguf/q8_0, which is not a target (targets: gguf/f16)"
+    ]
 
 
 def test_missing_keys_and_broken_yaml(tmp_path):
     assert errors(tmp_path, "name: x\n")[0].endswith(":1: source: required key 'source' is missing")
     assert "not valid YAML" in errors(tmp_path, "name: x\nsource: [a\n")[0]
-    assert errors(tmp_path, "- just\n- a list\n")[0].endswith(":1: a recipe is a mapping with keys name, source, "
-                                                                "targets, ...")
+    assert errors(tmp_path, "- just\n- a list\n")[0].endswith(
+        ":1: a recipe is a mapping with keys name, source, targets, ..."
+    )
 
 
 def test_budget_must_be_a_ratio_of_at_least_one(tmp_path):
-    lines = errors(tmp_path, """
+    lines = errors(
+        tmp_path,
+        """
         name: x
         source: ./m
         targets: [{format: gguf, quant: f16}]
         validation: {budgets: {gguf/f16: {max_ppl_ratio: 0.5}}}
-    """)
+    """,
+    )
     assert "max_ppl_ratio: Input should be greater than or equal to 1" in lines[0]
 
 
 def test_validate_command(tmp_path):
-    good = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(REPO / "recipes" / "smollm2.yaml")],
-                          capture_output=True, text=True)
+    good = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "validate", str(REPO / "recipes" / "smollm2.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert good.returncode == 0, good.stderr
     assert "ok: smollm2-135m" in good.stdout
-    bad = subprocess.run([sys.executable, "-m", "pipeline.cli", "validate", str(write(tmp_path, "name: x\n"))],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "validate", str(write(tmp_path, "name: x\n"))],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert bad.stderr.splitlines() == [
         f"error: {tmp_path / 'recipe.yaml'}:1: source: required key 'source' is missing",
@@ -137,6 +168,6 @@ def test_validate_command(tmp_path):
 
 def test_recipe_is_immutable():
     recipe = load_recipe(REPO / "recipes" / "smollm2.yaml")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         recipe.name = "other"
     assert isinstance(recipe, Recipe)

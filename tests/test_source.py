@@ -41,8 +41,9 @@ def test_bundled_smollm2_is_a_faithful_checkpoint(smollm2_dir):
     assert config["rope_theta"] == 100000.0 and config["torch_dtype"] == "bfloat16"  # for readers of older layouts
     tokenizer = load_tokenizer(smollm2_dir)
     assert tokenizer.tokenize("3333") == ["3", "3", "3", "3"]  # SmolLM2 splits digits, as llama.cpp's smollm does
-    assert tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
-                                         add_generation_prompt=True).endswith("<|im_start|>assistant\n")
+    assert tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    ).endswith("<|im_start|>assistant\n")
 
 
 def test_unknown_bundled_model():

@@ -37,9 +37,10 @@ class FixedRuntime:
 def make_reference(rng, n_chunks=3, length=40, vocab=50):
     chunks = [rng.integers(0, vocab, length).tolist() for _ in range(n_chunks)]
     logits = [rng.normal(size=(length, vocab)).astype(np.float32) * 3 for _ in chunks]
-    logprobs = [torch.log_softmax(torch.from_numpy(l[:-1]), -1).numpy() for l in logits]
-    return Reference(tokenizer=None, chunks=chunks, logprobs=logprobs, prompts=[], probe_text="", probe_ids=[],
-                     stop_ids={9}), logits
+    logprobs = [torch.log_softmax(torch.from_numpy(x[:-1]), -1).numpy() for x in logits]
+    return Reference(
+        tokenizer=None, chunks=chunks, logprobs=logprobs, prompts=[], probe_text="", probe_ids=[], stop_ids={9}
+    ), logits
 
 
 def test_identical_logits_give_ratio_one_and_zero_kl():
@@ -53,16 +54,17 @@ def test_identical_logits_give_ratio_one_and_zero_kl():
 def test_metrics_match_torch_on_perturbed_logits():
     rng = np.random.default_rng(1)
     ref, logits = make_reference(rng)
-    noisy = [l + rng.normal(size=l.shape).astype(np.float32) for l in logits]
+    noisy = [x + rng.normal(size=x.shape).astype(np.float32) for x in logits]
     quality = compare(ref, FixedRuntime(noisy))
 
     targets = torch.tensor([t for c in ref.chunks for t in c[1:]])
-    ours = torch.from_numpy(np.concatenate([l[:-1] for l in noisy]))
-    theirs = torch.from_numpy(np.concatenate([l[:-1] for l in logits]))
+    ours = torch.from_numpy(np.concatenate([x[:-1] for x in noisy]))
+    theirs = torch.from_numpy(np.concatenate([x[:-1] for x in logits]))
     ppl = math.exp(torch.nn.functional.cross_entropy(ours, targets).item())
     ppl_source = math.exp(torch.nn.functional.cross_entropy(theirs, targets).item())
-    kl = torch.nn.functional.kl_div(torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1), log_target=True,
-                                    reduction="none").sum(-1)
+    kl = torch.nn.functional.kl_div(
+        torch.log_softmax(ours, -1), torch.log_softmax(theirs, -1), log_target=True, reduction="none"
+    ).sum(-1)
     assert quality["ppl"] == pytest.approx(ppl, rel=1e-5)
     assert quality["ppl_source"] == pytest.approx(ppl_source, rel=1e-5)
     assert quality["ppl_ratio"] == pytest.approx(ppl / ppl_source, rel=1e-5)
@@ -84,7 +86,9 @@ def test_budget_judgement():
     assert judge(quality, None) == []
     assert judge(quality, Budget(max_ppl_ratio=1.05, min_top1=0.9, max_kl_mean=0.02)) == []
     assert judge(quality, Budget(max_ppl_ratio=1.01, min_top1=0.99, max_kl_mean=0.001)) == [
-        "perplexity ratio 1.0200 > budget 1.01", "top-1 agreement 0.9500 < budget 0.99", "mean KL 0.01000 > budget 0.001",
+        "perplexity ratio 1.0200 > budget 1.01",
+        "top-1 agreement 0.9500 < budget 0.99",
+        "mean KL 0.01000 > budget 0.001",
     ]
 
 
@@ -110,8 +114,14 @@ def test_eval_chunks_start_with_bos_only_when_the_tokenizer_adds_it(smollm2_dir,
 
 
 def test_budget_violation_fails_the_target_and_keeps_the_numbers(tiny_llama, tmp_path):
-    recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gguf", "f32"), ("gguf", "q4_0")],
-                                      budgets={"gguf/q4_0": {"max_ppl_ratio": 1.0001, "min_top1": 0.999}}))
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path,
+            tiny_llama,
+            [("gguf", "f32"), ("gguf", "q4_0")],
+            budgets={"gguf/q4_0": {"max_ppl_ratio": 1.0001, "min_top1": 0.999}},
+        )
+    )
     summary = run_recipe(recipe)
     rows = {r["target"]: r for r in summary["targets"]}
     assert summary["ok"] is False
@@ -127,16 +137,25 @@ def test_budget_violation_fails_the_target_and_keeps_the_numbers(tiny_llama, tmp
 
 
 def test_cli_exit_status_follows_the_outcome(tiny_llama, tmp_path):
-    failing = write_recipe(tmp_path, tiny_llama, [("gguf", "q4_0")],
-                           budgets={"gguf/q4_0": {"max_ppl_ratio": 1.0000001}})
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "convert", str(failing), "--no-prefect"],
-                         capture_output=True, text=True, cwd=REPO)
+    failing = write_recipe(
+        tmp_path, tiny_llama, [("gguf", "q4_0")], budgets={"gguf/q4_0": {"max_ppl_ratio": 1.0000001}}
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "convert", str(failing), "--no-prefect"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 1, run.stderr
     assert "gguf/q4_0" in run.stdout and "failed" in run.stdout and "perplexity ratio" in run.stdout
 
     passing = write_recipe(tmp_path, tiny_llama, [("gguf", "f16")], budgets={"gguf/f16": {"max_ppl_ratio": 1.01}})
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "convert", str(passing), "--no-prefect"],
-                         capture_output=True, text=True, cwd=REPO)
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "convert", str(passing), "--no-prefect"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert run.returncode == 0, run.stderr
     assert "gguf/f16" in run.stdout and " ok " in run.stdout
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 
-from pipeline.formats import FormatError
 from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, permute_qk, rope_scaling, tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
 
@@ -115,10 +115,10 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
     out = None
     for start in range(0, rows.shape[0], step):
-        part = gguf.quants.quantize(rows[start:start + step].float().numpy(), plan.qtype)
+        part = gguf.quants.quantize(rows[start : start + step].float().numpy(), plan.qtype)
         if out is None:
             out = np.empty((rows.shape[0], part.shape[1]), dtype=part.dtype)
-        out[start:start + len(part)] = part
+        out[start : start + len(part)] = part
     return out
 
 
@@ -141,7 +141,9 @@ def build(source, target, out_dir: Path, *, name: str, progress: Progress | None
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     add_to_writer(writer, vocab, source.path)
     for p in plan:
-        writer.add_tensor_info(p.gguf_name, p.byte_shape, np.dtype(np.uint8), int(np.prod(p.byte_shape)), raw_dtype=p.qtype)
+        writer.add_tensor_info(
+            p.gguf_name, p.byte_shape, np.dtype(np.uint8), int(np.prod(p.byte_shape)), raw_dtype=p.qtype
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -170,8 +172,9 @@ def gguf_file(artifact_dir: Path) -> Path:
 def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
     from pipeline.validate import smoke_test
 
-    n_ctx = max(max(len(c) for c in reference.chunks),
-                max(len(p.ids) for p in reference.prompts) + validation.max_new_tokens)
+    n_ctx = max(
+        max(len(c) for c in reference.chunks), max(len(p.ids) for p in reference.prompts) + validation.max_new_tokens
+    )
     runtime = LlamaCppRuntime(gguf_file(artifact_dir), n_ctx)
     try:
         return smoke_test(runtime, reference, validation)
@@ -189,8 +192,9 @@ class LlamaCppRuntime:
         from pipeline.hardware import torch_threads
 
         threads = torch_threads()
-        self.llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads,
-                                   logits_all=True, verbose=False)
+        self.llm = llama_cpp.Llama(
+            str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, logits_all=True, verbose=False
+        )
         self.description = {
             "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
             "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu-capable build",
@@ -224,8 +228,11 @@ class LlamaCppRuntime:
             tid = metadata.get(key)
             return self.llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
 
-        return {"template": template, "bos_token": token("tokenizer.ggml.bos_token_id"),
-                "eos_token": token("tokenizer.ggml.eos_token_id")}
+        return {
+            "template": template,
+            "bos_token": token("tokenizer.ggml.bos_token_id"),
+            "eos_token": token("tokenizer.ggml.eos_token_id"),
+        }
 
     def close(self) -> None:
         self.llm.close()

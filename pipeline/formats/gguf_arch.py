@@ -63,7 +63,10 @@ class Architecture:
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": Architecture(
-        MODEL_ARCH.LLAMA, LLAMA_LIKE_TENSORS, LLAMA_LIKE_HPARAMS, permute_qk=True,
+        MODEL_ARCH.LLAMA,
+        LLAMA_LIKE_TENSORS,
+        LLAMA_LIKE_HPARAMS,
+        permute_qk=True,
         extra_hparams={"add_vocab_size": ("vocab_size",), "add_rope_dimension_count": ("head_dim",)},
     ),
     "qwen2": Architecture(MODEL_ARCH.QWEN2, LLAMA_LIKE_TENSORS, LLAMA_LIKE_HPARAMS),
@@ -74,8 +77,9 @@ SUPPORTED_ROPE = ("default", "linear", "yarn")
 
 def architecture(model_type: str) -> Architecture:
     if model_type not in ARCHITECTURES:
-        raise FormatError(f"GGUF export does not support architecture {model_type!r} "
-                          f"(supported: {', '.join(sorted(ARCHITECTURES))})")
+        raise FormatError(
+            f"GGUF export does not support architecture {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
+        )
     return ARCHITECTURES[model_type]
 
 
@@ -103,7 +107,9 @@ def rope_scaling(config: dict) -> dict:
     rope.update(config.get("rope_parameters") or {})
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in SUPPORTED_ROPE:
-        raise FormatError(f"GGUF export does not support rope scaling {kind!r} yet (supported: {', '.join(SUPPORTED_ROPE)})")
+        raise FormatError(
+            f"GGUF export does not support rope scaling {kind!r} yet (supported: {', '.join(SUPPORTED_ROPE)})"
+        )
     return {**rope, "rope_type": kind}
 
 

@@ -86,8 +86,10 @@ def load_vocab(path: Path, vocab_size: int) -> Vocab:
         raise FormatError(f"{path}: no tokenizer.json or tokenizer.model; GGUF needs the tokenizer")
     model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
     if model.get("type") != "BPE" or model.get("byte_fallback"):
-        raise FormatError(f"{path}: tokenizer.json model {model.get('type')!r} without tokenizer.model is not supported "
-                          f"for GGUF (byte-level BPE or SentencePiece are)")
+        raise FormatError(
+            f"{path}: tokenizer.json model {model.get('type')!r} without tokenizer.model is not supported "
+            f"for GGUF (byte-level BPE or SentencePiece are)"
+        )
     tokens, types = _bpe_tokens(tokenizer, vocab_size)
     return Vocab("gpt2", pre_tokenizer_name(tokenizer), tokens, types, None, add_bos, add_eos)
 
@@ -113,7 +115,7 @@ def add_to_writer(writer: gguf.GGUFWriter, vocab: Vocab, path: Path) -> None:
     special.add_special_token["bos"] = vocab.add_bos
     special.add_special_token["eos"] = vocab.add_eos
     special.add_to_gguf(writer, quiet=True)
-    config = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").is_file() else {}
+    config = _read_json(path / "tokenizer_config.json")
     if isinstance(config.get("add_prefix_space"), bool):
         writer.add_add_space_prefix(config["add_prefix_space"])
 
@@ -155,21 +157,36 @@ def _sentencepiece_tokens(path: Path, vocab_size: int) -> tuple[list[bytes], lis
     try:
         from sentencepiece import SentencePieceProcessor
     except ImportError:
-        raise FormatError("SentencePiece tokenizer needs the sentencepiece package: pip install sentencepiece") from None
+        raise FormatError(
+            "SentencePiece tokenizer needs the sentencepiece package: pip install sentencepiece"
+        ) from None
     sp = SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
     tokens: list[bytes] = [f"[PAD{i}]".encode() for i in range(vocab_size)]
     scores = [-10000.0] * vocab_size
     types = [int(gguf.TokenType.UNUSED)] * vocab_size
     for i in range(min(sp.vocab_size(), vocab_size)):
         tokens[i], scores[i] = sp.id_to_piece(i).encode("utf-8"), sp.get_score(i)
-        types[i] = (gguf.TokenType.UNKNOWN if sp.is_unknown(i) else gguf.TokenType.CONTROL if sp.is_control(i)
-                    else gguf.TokenType.UNUSED if sp.is_unused(i) else gguf.TokenType.BYTE if sp.is_byte(i)
-                    else gguf.TokenType.NORMAL)
-    config_path = path / "tokenizer_config.json"
-    added = json.loads(config_path.read_text()).get("added_tokens_decoder", {}) if config_path.is_file() else {}
+        types[i] = _piece_type(sp, i)
+    added = _read_json(path / "tokenizer_config.json").get("added_tokens_decoder", {})
     for key, entry in added.items():
         i = int(key)
         if i < vocab_size and tokens[i] != entry["content"].encode("utf-8"):
             tokens[i] = entry["content"].replace("\u2581", " ").encode("utf-8")
             types[i] = gguf.TokenType.CONTROL if entry.get("special") else gguf.TokenType.USER_DEFINED
     return tokens, scores, types
+
+
+def _piece_type(sp, i: int) -> int:
+    if sp.is_unknown(i):
+        return gguf.TokenType.UNKNOWN
+    if sp.is_control(i):
+        return gguf.TokenType.CONTROL
+    if sp.is_unused(i):
+        return gguf.TokenType.UNUSED
+    if sp.is_byte(i):
+        return gguf.TokenType.BYTE
+    return gguf.TokenType.NORMAL
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
