@@ -54,9 +54,9 @@ def prepare(recipe: Recipe) -> SourceInfo:
     return source
 
 
-def cannot_run(fmt, step: str) -> str | None:
-    """Why `step` of a format cannot run on this machine (missing package or hardware), or None."""
-    if why := fmt.missing_dependency(step):
+def cannot_run(fmt, step: str, target: Target) -> str | None:
+    """Why `step` of a target cannot run on this machine (missing package or hardware), or None."""
+    if why := fmt.missing_dependency(step, target):
         return why
     wanted = fmt.HARDWARE[step]
     if not set(wanted) & hardware.available():
@@ -85,7 +85,7 @@ def build_target(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest
     fmt = FORMATS[target.format]
     final = recipe.output_dir() / target.folder
     manifest = _base_manifest(recipe, source, target)
-    if why := cannot_run(fmt, "build"):
+    if why := cannot_run(fmt, "build", target):
         log.warning("%s: build not run: %s", target.key, why)
         return _record_without_artifact(final, manifest.model_copy(update={"status": "not_run", "reason": why}))
     start = time.perf_counter()
@@ -93,7 +93,8 @@ def build_target(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest
         fmt.check(source, target)
         log.info("%s: building", target.key)
         with staging_dir(final) as tmp:
-            info = fmt.build(source, target, tmp, name=recipe.name, progress=_progress(target.key))
+            info = fmt.build(source, target, tmp, name=recipe.name, progress=_progress(target.key),
+                             calibration=recipe.calibration)  # fmt: skip
             manifest = manifest.model_copy(
                 update={
                     "files": list_files(tmp),
@@ -144,7 +145,7 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
     changed = verify_files(final, manifest)
     if changed:
         return _finish(final, manifest, "failed", f"files changed since the build: {', '.join(changed)}", {})
-    if why := cannot_run(fmt, "smoke"):
+    if why := cannot_run(fmt, "smoke", target):
         log.warning("%s: smoke test not run: %s", target.key, why)
         return _finish(final, manifest, "not_run", f"smoke: {why}", {})
     start = time.perf_counter()

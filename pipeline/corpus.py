@@ -6,6 +6,7 @@ calibration part and a held-out part that never overlap. Any other value is a pa
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -30,3 +31,32 @@ def load_text(spec: str, part: Literal["calibration", "held_out"]) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"{part} text {spec!r}: no such file (use {BUILTIN!r} or a path to a UTF-8 text file)")
     return path.read_text(encoding="utf-8")
+
+
+def bos_prefix(tokenizer) -> list[int]:
+    """[bos] when the tokenizer starts every text with BOS (so each independent context should too), else []."""
+    first = tokenizer("a").input_ids
+    bos = tokenizer.bos_token_id
+    return [bos] if bos is not None and first and first[0] == bos else []
+
+
+def calibration_samples(tokenizer, text: str, samples: int, seq_len: int, seed: int) -> list[list[int]]:
+    """`samples` windows of `seq_len` tokens from the calibration text, chosen without overlap by a seeded random
+    draw (so the same recipe always calibrates on the same tokens), each starting with BOS if the model expects it."""
+    import numpy as np
+
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = bos_prefix(tokenizer)
+    step = seq_len - len(bos)
+    windows = len(ids) // step
+    if windows < samples:
+        raise ValueError(
+            f"calibration text has {len(ids)} tokens: {windows} samples of {seq_len}, but the recipe asks for "
+            f"{samples}; lower calibration.samples or seq_len, or give a longer calibration.text"
+        )
+    picks = sorted(np.random.default_rng(seed).choice(windows, samples, replace=False).tolist())
+    return [bos + ids[i * step : (i + 1) * step] for i in picks]
+
+
+def samples_digest(samples: list[list[int]]) -> str:
+    return hashlib.sha256(str(samples).encode()).hexdigest()

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from pipeline import formats
+from pipeline.formats import FormatError
 
 BUILTIN_CORPUS = "builtin:corpus"
 DEFAULT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
@@ -37,17 +38,18 @@ class SourceSpec(_Strict):
 class Target(_Strict):
     format: str
     quant: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # tells apart two of one quant
     options: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def key(self) -> str:
         """The target's name in budgets, logs and summaries: `gguf/q8_0`."""
-        return f"{self.format}/{self.quant}"
+        return f"{self.format}/{self.name or self.quant}"
 
     @property
     def folder(self) -> str:
         """The artifact folder's name: `gguf-q8_0`."""
-        return f"{self.format}-{self.quant}"
+        return f"{self.format}-{self.name or self.quant}"
 
     @field_validator("format")
     @classmethod
@@ -62,6 +64,27 @@ class Target(_Strict):
         fmt = info.data.get("format")
         if fmt in formats.FORMATS and value not in formats.FORMATS[fmt].QUANTS:
             raise ValueError(f"{fmt} has no quant {value!r} (supported: {', '.join(formats.FORMATS[fmt].QUANTS)})")
+        return value
+
+    @field_validator("options")
+    @classmethod
+    def _known_options(cls, value: dict, info: ValidationInfo) -> dict:
+        fmt = formats.FORMATS.get(info.data.get("format"))
+        if fmt is None:
+            return value
+        try:
+            fmt.check_options(info.data.get("quant"), fmt.Options.model_validate(value))
+        except FormatError as exc:
+            raise ValueError(str(exc)) from None
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"unknown option {key!r} (options: {', '.join(fmt.Options.model_fields)})")
+                else:
+                    problems.append(f"option {key!r}: {err['msg']}")
+            raise ValueError("; ".join(problems)) from None
         return value
 
 

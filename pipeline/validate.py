@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pipeline.corpus import load_text
+from pipeline.corpus import bos_prefix, load_text
 from pipeline.recipe import Budget, Validation
 from pipeline.source import SourceInfo, load_tokenizer
 
@@ -151,8 +151,7 @@ def eval_chunks(tokenizer, text: str, n_tokens: int, context: int) -> list[list[
     """Held-out token ids cut into independent contexts of `context` tokens (each starting with BOS when the
     tokenizer adds one), `n_tokens` in all, rounded down to whole contexts (at least one)."""
     ids = tokenizer(text, add_special_tokens=False).input_ids
-    first = tokenizer("a").input_ids
-    bos = [first[0]] if tokenizer.bos_token_id is not None and first and first[0] == tokenizer.bos_token_id else []
+    bos = bos_prefix(tokenizer)
     step = context - len(bos)
     n_chunks = max(1, n_tokens // context)
     if len(ids) < n_chunks * step:

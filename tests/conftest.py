@@ -23,30 +23,31 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             max_position_embeddings=1024, initializer_range=0.25)  # fmt: skip
 TINY_CONFIGS = {
-    "llama": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+    "llama": dict(SMALL, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "qwen2": dict(SMALL, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "qwen3": dict(SMALL, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
+    "mistral": dict(SMALL, head_dim=32, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    "gemma2": dict(
+        SMALL,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=512,
+        rms_norm_eps=1e-6,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        tie_word_embeddings=True,
+    ),
+    "phi3": dict(
+        SMALL,
+        num_key_value_heads=4,
+        original_max_position_embeddings=1024,
         rope_theta=10000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
-        initializer_range=0.25,
-    ),
-    "qwen2": dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        rope_theta=1000000.0,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=True,
-        initializer_range=0.25,
+        pad_token_id=0,
     ),
 }
 
@@ -89,14 +90,45 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory, smollm2_dir) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), "llama", smollm2_dir)
+# name -> (model_type, config overrides): the tiny checkpoints tests can ask for by name.
+TINY_MODELS = {
+    "llama": ("llama", {}),
+    "qwen2": ("qwen2", {"attention_bias": True}),
+    "qwen3": ("qwen3", {}),
+    "mistral": ("mistral", {}),
+    "gemma2": ("gemma2", {}),
+    "phi3": ("phi3", {}),
+    "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                  "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 64}}),
+    # hidden and intermediate sizes that are multiples of 256, so that llama.cpp's K-quants really apply
+    "llama-256": ("llama", {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "initializer_range": 0.05}),
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")
-def tiny_qwen2(tmp_path_factory, smollm2_dir) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), "qwen2", smollm2_dir, attention_bias=True)
+def tiny_model(tmp_path_factory, smollm2_dir):
+    """tiny_model(name) -> folder of that tiny checkpoint (see TINY_MODELS), made once per test session."""
+    made: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in made:
+            model_type, overrides = TINY_MODELS[name]
+            made[name] = make_tiny_model(tmp_path_factory.mktemp(name), model_type, smollm2_dir, **overrides)
+        return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_model) -> Path:
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tiny_model) -> Path:
+    return tiny_model("qwen2")
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from pipeline.formats import FormatError
 from pipeline.formats import gguf as gguf_format
 from pipeline.formats.gguf_arch import permute_qk
-from pipeline.recipe import Target
+from pipeline.recipe import Calibration, Target
 from pipeline.source import inspect_checkpoint, load_tokenizer
 from pipeline.validate import TOKENIZER_PROBE_SUFFIX
 
@@ -24,27 +24,36 @@ _BUILT: dict[tuple, Path] = {}
 
 
 @pytest.fixture(scope="module")
-def models(tiny_llama, tiny_qwen2, tiny_llama_spm):
-    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "llama-spm": tiny_llama_spm}
+def models(tiny_model, tiny_llama_spm):
+    """models[name] -> a tiny checkpoint folder (conftest.TINY_MODELS, or the SentencePiece llama)."""
+
+    class Models(dict):
+        def __missing__(self, name):
+            self[name] = tiny_llama_spm if name == "llama-spm" else tiny_model(name)
+            return self[name]
+
+    return Models()
 
 
 @pytest.fixture(scope="module")
 def build(models, tmp_path_factory):
-    def _build(model: str, quant: str) -> Path:
-        if (model, quant) not in _BUILT:
+    def _build(model: str, quant: str, **options) -> Path:
+        key = (model, quant, tuple(sorted(options.items())))
+        if key not in _BUILT:
             source = inspect_checkpoint(models[model])
-            target = Target(format="gguf", quant=quant)
+            target = Target(format="gguf", quant=quant, options=options)
             out = tmp_path_factory.mktemp(f"{model}-{quant}")
             gguf_format.check(source, target)
-            info = gguf_format.build(source, target, out, name="tiny")
-            _BUILT[(model, quant)] = out / info["file"]
-        return _BUILT[(model, quant)]
+            info = gguf_format.build(source, target, out, name="tiny", calibration=Calibration(samples=8, seq_len=128))
+            _BUILT[key] = out / info["file"]
+        return _BUILT[key]
 
     return _build
 
 
 def expected_tensors(model_dir: Path) -> dict[str, np.ndarray]:
-    """The source tensors under their llama.cpp names, in float32, q/k permuted for `llama` as llama.cpp expects."""
+    """The source tensors under their llama.cpp names, in float32, as llama.cpp expects them (q/k permuted for
+    `llama`, norms shifted for Gemma)."""
     from pipeline.formats.gguf_arch import architecture, tensor_name
 
     config = json.loads((model_dir / "config.json").read_text())
@@ -52,7 +61,11 @@ def expected_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     out = {}
     for name, tensor in load_file(model_dir / "model.safetensors").items():
         gguf_name = tensor_name(arch, name)
+        if gguf_name is None:
+            continue
         data = tensor.float().numpy()
+        if gguf_name.endswith("norm.weight"):
+            data = data + arch.norm_offset  # Gemma stores RMSNorm weights as an offset from 1
         if arch.permute_qk and ".attn_q." in gguf_name:
             data = permute_qk(data, config["num_attention_heads"])
         if arch.permute_qk and ".attn_k." in gguf_name:
@@ -66,7 +79,7 @@ def read_tensors(path: Path) -> dict[str, tuple[gguf.GGMLQuantizationType, np.nd
     return {t.name: (t.tensor_type, gguf.quants.dequantize(t.data, t.tensor_type)) for t in reader.tensors}
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gemma2", "phi3"])
 @pytest.mark.parametrize("quant,dtype", [("f32", np.float32), ("f16", np.float16)])
 def test_float_types_read_back_exactly(build, models, model, quant, dtype):
     written = read_tensors(build(model, quant))
@@ -105,27 +118,36 @@ def test_q8_0_within_quantization_bound(build, models, model):
         assert error.max() > 0  # it really was quantized
 
 
-@pytest.mark.parametrize("quant,ftype", [("q8_0", 7), ("q4_0", 2)])
-def test_quantized_bytes_equal_ggml_c_quantizer(build, tmp_path, quant, ftype):
-    """Our numpy-quantized tensors are bit-identical to llama.cpp's own quantizer run on the F32 file."""
+def ggml_quantize(source: Path, out: Path, ftype: gguf.LlamaFileType, pure: bool = False) -> Path:
+    """llama.cpp's own quantizer run directly on a file, as llama-quantize runs it."""
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype, params.pure, params.nthread = ftype, True, 2
-    reference = tmp_path / f"ggml-{quant}.gguf"
-    assert (
-        llama_cpp.llama_model_quantize(
-            str(build("llama", "f32")).encode(), str(reference).encode(), ctypes.byref(params)
-        )
-        == 0
-    )
-    ours = {t.name: t for t in gguf.GGUFReader(build("llama", quant)).tensors}
+    params.ftype, params.pure, params.nthread = int(ftype), pure, 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_gguf_py_quantizers_equal_ggml_c(build, tmp_path, qtype):
+    """gguf-py's numpy quantizers give the bytes of ggml's C quantizer on the same float32 tensors."""
+    reference = ggml_quantize(build("llama", "f32"), tmp_path / "c.gguf", gguf.LlamaFileType[f"MOSTLY_{qtype}"], True)
+    source = {t.name: np.array(t.data) for t in gguf.GGUFReader(build("llama", "f32")).tensors}
     compared = 0
     for theirs in gguf.GGUFReader(reference).tensors:
-        if theirs.tensor_type.name == quant.upper() and ours[theirs.name].tensor_type == theirs.tensor_type:
-            assert bytes(ours[theirs.name].data) == bytes(theirs.data), theirs.name
+        if theirs.tensor_type.name == qtype:
+            ours = gguf.quants.quantize(source[theirs.name], theirs.tensor_type)
+            assert ours.tobytes() == bytes(theirs.data), theirs.name
             compared += 1
     assert compared == 16  # every matrix of the tiny llama: 7 per layer, the embeddings and the output
+
+
+def test_q8_0_artifact_equals_ggml_c_quantizer(build, tmp_path):
+    reference = ggml_quantize(build("llama", "f32"), tmp_path / "c.gguf", gguf.LlamaFileType.MOSTLY_Q8_0, True)
+    ours = {t.name: t for t in gguf.GGUFReader(build("llama", "q8_0")).tensors}
+    for theirs in gguf.GGUFReader(reference).tensors:
+        assert ours[theirs.name].tensor_type == theirs.tensor_type, theirs.name
+        assert bytes(ours[theirs.name].data) == bytes(theirs.data), theirs.name
 
 
 REQUIRED_KEYS = [
@@ -150,7 +172,11 @@ REQUIRED_KEYS = [
 ]
 
 
-@pytest.mark.parametrize("model,arch", [("llama", "llama"), ("qwen2", "qwen2"), ("llama-spm", "llama")])
+@pytest.mark.parametrize(
+    "model,arch",
+    [("llama", "llama"), ("qwen2", "qwen2"), ("llama-spm", "llama"), ("qwen3", "qwen3"), ("mistral", "llama"),
+     ("gemma2", "gemma2"), ("phi3", "phi3")],
+)  # fmt: skip
 def test_metadata_llama_cpp_needs(build, models, model, arch):
     reader = gguf.GGUFReader(build(model, "f16"))
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
@@ -161,6 +187,10 @@ def test_metadata_llama_cpp_needs(build, models, model, arch):
     assert fields[f"{arch}.block_count"] == config["num_hidden_layers"]
     assert fields[f"{arch}.attention.head_count_kv"] == config["num_key_value_heads"]
     assert fields[f"{arch}.rope.freq_base"] == pytest.approx(config["rope_parameters"]["rope_theta"])
+    if model == "gemma2":
+        assert fields["gemma2.final_logit_softcapping"] == 30.0 and fields["gemma2.attention.sliding_window"] == 512
+    if "head_dim" in config:
+        assert fields[f"{arch}.attention.key_length"] == config["head_dim"]
     assert len(fields["tokenizer.ggml.tokens"]) == config["vocab_size"]
     if model == "llama-spm":
         assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.scores" in fields
@@ -180,7 +210,7 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
         runtime.close()
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm", "qwen3", "mistral", "gemma2", "phi3", "llama3-rope"])
 def test_llama_cpp_logits_match_transformers(build, models, model):
     from transformers import AutoModelForCausalLM
 
@@ -216,7 +246,8 @@ def test_unknown_architecture_fails_before_writing(models, tmp_path):
     shutil.copytree(models["llama"], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
-    with pytest.raises(FormatError, match=r"does not support architecture 'gpt_neox' \(supported: llama, qwen2\)"):
+    supported = "gemma2, llama, mistral, phi3, qwen2, qwen3"
+    with pytest.raises(FormatError, match=rf"does not support architecture 'gpt_neox' \(supported: {supported}\)"):
         gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))
 
 

@@ -6,11 +6,14 @@ A format module defines:
     EXTRA     the pip extra that installs its runtime (`pip install 'weightsmith[gguf]'`)
     HARDWARE  {"build": (...), "smoke": (...)}: the hardware each step can run on, preferred first
               ("cpu", "cuda", "apple")
-    missing_dependency(step) -> str | None
-              why `step` cannot run in this environment (a missing package, named with its extra), or None
+    Options   a pydantic model of the target options it accepts (checked when the recipe is loaded)
+    check_options(quant, options) -> None
+              raise FormatError for options that do not fit the quant (checked when the recipe is loaded)
+    missing_dependency(step, target) -> str | None
+              why `step` of `target` cannot run in this environment (a missing package, named with its extra)
     check(source, target) -> None
               raise FormatError before anything is written (unsupported architecture, bad option ...)
-    build(source, target, out_dir, progress) -> dict
+    build(source, target, out_dir, *, name, progress, calibration) -> dict
               write the artifact's files into out_dir (a staging folder) and return facts for the manifest
     smoke(artifact_dir, reference, validation) -> dict
               run the artifact in its own runtime against the reference (see pipeline.validate) and return the
