@@ -1,12 +1,16 @@
-"""GGUF export: our streaming writer vs llama.cpp's own convert_hf_to_gguf.py, side by side on the same checkpoint.
+"""GGUF export and the quant ladder: our pipeline vs llama.cpp's own tools, side by side on the same checkpoint.
 
-    python bench/gguf_export.py [--source bundled:smollm2-135m] [--types f16,q8_0] [--repeat 1]
+    python bench/gguf_export.py [--source bundled:smollm2-135m] [--types f16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k]
 
-The reference converter is taken from the llama-cpp-python sdist of the installed version (it vendors llama.cpp,
-its conversion package and gguf-py), downloaded once with pip into the weightsmith cache. Each export runs in a fresh
-process; wall time is measured around it and peak RSS is the child's own high-water mark (VmHWM).
-The last column says whether every tensor's data is byte-identical between the two files (metadata and tensor order
-may differ between writers).
+Reference tools, both from the llama-cpp-python sdist of the installed version (it vendors llama.cpp), fetched and
+built once into the weightsmith cache: `convert_hf_to_gguf.py` (for f16/bf16/q8_0 directly; for the other types it
+writes the F16 input) and `llama-quantize` (compiled with CMake, as llama.cpp ships it). Our side runs the same
+`build()` the pipeline runs, with an F16 base for the quantized types so both start from the same F16 input.
+
+Each tool runs in a fresh process: wall time is measured around it, peak RSS is the child's own high-water mark
+(VmHWM). For the two-step reference, time is the sum and RSS the larger of the two. Perplexity is measured on the
+held-out corpus text with llama.cpp (llama-cpp-python) for both files. The last column says whether every tensor's
+data is byte-identical between the two files (metadata and tensor order may differ between writers).
 """
 
 from __future__ import annotations
@@ -30,62 +34,62 @@ from pathlib import Path
 from pipeline.formats import gguf
 from pipeline.recipe import Target
 from pipeline.source import inspect_checkpoint
-source, target = inspect_checkpoint(Path(sys.argv[1])), Target(format="gguf", quant=sys.argv[2])
+quant = sys.argv[2]
+options = {} if quant in gguf.DIRECT else {"base": "f16"}
+source, target = inspect_checkpoint(Path(sys.argv[1])), Target(format="gguf", quant=quant, options=options)
 gguf.build(source, target, Path(sys.argv[3]), name="bench")
 """
+CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
+               "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF",
+               "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]  # fmt: skip
 
 
-def reference_converter() -> Path:
-    """llama.cpp's convert_hf_to_gguf.py from the llama-cpp-python sdist matching the installed version."""
+def llama_cpp_tree() -> Path:
+    """The llama.cpp tree vendored in the llama-cpp-python sdist matching the installed version."""
     from pipeline.source import cache_root
 
     release = version("llama-cpp-python")
     root = cache_root() / "bench" / f"llama.cpp-{release}"
-    script = root / "convert_hf_to_gguf.py"
-    if script.is_file():
-        return script
+    if (root / "CMakeLists.txt").is_file():
+        return root
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "-q",
-                "-d",
-                tmp,
-                f"llama-cpp-python=={release}",
-            ],
-            check=True,
-        )
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q", "-d", tmp,
+                        f"llama-cpp-python=={release}"], check=True)  # fmt: skip
         (sdist,) = Path(tmp).glob("*.tar.gz")
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
-        wanted = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/")
         with tarfile.open(sdist) as tar:
-            members = [
-                m for m in tar.getmembers() if m.name.startswith(prefix) and m.name[len(prefix) :].startswith(wanted)
-            ]
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
             for m in members:
                 m.name = m.name[len(prefix) :]
             tar.extractall(root, members=members, filter="data")
-    return script
+    return root
+
+
+def llama_quantize_tool(tree: Path) -> Path:
+    binary = tree / "build" / "bin" / "llama-quantize"
+    if not binary.is_file():
+        print("building llama-quantize from the vendored llama.cpp (a few minutes, once) ...", file=sys.stderr)
+        subprocess.run(["cmake", "-S", str(tree), "-B", str(tree / "build"), *CMAKE_FLAGS], check=True,
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+        subprocess.run(["cmake", "--build", str(tree / "build"), "--target", "llama-quantize", "-j",
+                        str(os.cpu_count())], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    return binary
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     """(wall seconds, peak RSS in MB) of one child process; raises if it fails. The peak is the child's own VmHWM,
     polled from /proc: rusage's maxrss would include this (larger) parent's RSS at fork time."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    peak_kb = 0
-    while proc.poll() is None:
-        peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
-        time.sleep(0.01)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
+    with tempfile.TemporaryFile() as log:  # a pipe would fill up with llama-quantize's log and stall it
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        peak_kb = 0
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
     return wall, peak_kb / 1024
 
 
@@ -102,66 +106,71 @@ def tensors_identical(a: Path, b: Path) -> str:
 
     ours = {t.name: t for t in gguf.GGUFReader(a).tensors}
     theirs = {t.name: t for t in gguf.GGUFReader(b).tensors}
-    same = sum(
-        1
-        for name, t in theirs.items()
-        if name in ours and ours[name].tensor_type == t.tensor_type and bytes(ours[name].data) == bytes(t.data)
-    )
-    return f"{same}/{len(theirs)}" + (
-        "" if set(ours) == set(theirs) else f" (names differ: {len(set(ours) ^ set(theirs))})"
-    )
+    same = sum(1 for name, t in theirs.items() if name in ours and ours[name].tensor_type == t.tensor_type
+               and bytes(ours[name].data) == bytes(t.data))  # fmt: skip
+    names = "" if set(ours) == set(theirs) else f" (names differ: {len(set(ours) ^ set(theirs))})"
+    return f"{same}/{len(theirs)}{names}"
+
+
+def perplexity(path: Path, ref) -> float:
+    from pipeline.formats.gguf import LlamaCppRuntime
+    from pipeline.validate import compare
+
+    runtime = LlamaCppRuntime(path, n_ctx=len(ref.chunks[0]))
+    try:
+        return compare(ref, runtime)["ppl"]
+    finally:
+        runtime.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="bundled:smollm2-135m")
-    parser.add_argument("--types", default="f16,q8_0")
-    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and type; the best wall time is shown")
+    parser.add_argument("--types", default="f16,q8_0,q4_0,q4_k_m,q5_k_m,q6_k")
     args = parser.parse_args()
 
-    from pipeline.recipe import SourceSpec
+    from pipeline.formats.gguf import DIRECT, model_files
+    from pipeline.recipe import SourceSpec, Validation
     from pipeline.source import resolve_source
+    from pipeline.validate import reference
 
     source = resolve_source(SourceSpec(id=args.source))
-    converter = reference_converter()
+    tree = llama_cpp_tree()
+    converter, quantize_tool = tree / "convert_hf_to_gguf.py", llama_quantize_tool(tree)
+    ref = reference(source, Validation(prompts=["Hi"], max_new_tokens=1))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        ref_f16 = Path(tmp, "ref-f16.gguf")
+        convert_f16 = measure([sys.executable, str(converter), str(source.path), "--outtype", "f16", "--outfile",
+                               str(ref_f16)])  # fmt: skip
         for quant in args.types.split(","):
-            out_ours, out_ref = Path(tmp, f"ours-{quant}"), Path(tmp, f"ref-{quant}.gguf")
+            out_ours = Path(tmp, f"ours-{quant}")
             out_ours.mkdir()
-            ours = [
-                measure([sys.executable, "-c", OURS, str(source.path), quant, str(out_ours)], env)
-                for _ in range(args.repeat)
-            ]
-            ref = [
-                measure(
-                    [sys.executable, str(converter), str(source.path), "--outtype", quant, "--outfile", str(out_ref)]
-                )
-                for _ in range(args.repeat)
-            ]
-            (ours_file,) = out_ours.glob("*.gguf")
+            ours = measure([sys.executable, "-c", OURS, str(source.path), quant, str(out_ours)], env)
+            out_ref = Path(tmp, f"ref-{quant}.gguf")
+            if quant in DIRECT:
+                theirs = measure([sys.executable, str(converter), str(source.path), "--outtype", quant, "--outfile",
+                                  str(out_ref)])  # fmt: skip
+                tool = "convert_hf_to_gguf.py"
+            else:
+                step = measure([str(quantize_tool), str(ref_f16), str(out_ref), quant.upper()])
+                theirs = (convert_f16[0] + step[0], max(convert_f16[1], step[1]))
+                tool = "convert_hf_to_gguf.py + llama-quantize"
+            ours_file = model_files(out_ours)[0]
             identical = tensors_identical(ours_file, out_ref)
-            for tool, runs, path in (("weightsmith", ours, ours_file), ("convert_hf_to_gguf.py", ref, out_ref)):
-                rows.append(
-                    [
-                        quant,
-                        tool,
-                        f"{min(r[0] for r in runs):.2f}",
-                        f"{max(r[1] for r in runs):.0f}",
-                        f"{path.stat().st_size / 1e6:.1f}",
-                        identical,
-                    ]
-                )
+            for name, (wall, rss), path in (("weightsmith", ours, ours_file), (tool, theirs, out_ref)):
+                rows.append([quant, name, f"{wall:.2f}", f"{rss:.0f}", f"{path.stat().st_size / 1e6:.1f}",
+                             f"{perplexity(path, ref):.3f}", identical])  # fmt: skip
 
-    header = ["type", "tool", "wall_s", "peak_rss_mb", "size_mb", "identical_tensors"]
+    header = ["type", "tool", "wall_s", "peak_rss_mb", "size_mb", "ppl", "identical_tensors"]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    print(
-        f"source: {source.spec} ({source.n_params / 1e6:.1f}M parameters, {source.dtype}); "
-        f"llama.cpp converter from llama-cpp-python {version('llama-cpp-python')}; {os.cpu_count()} CPUs"
-    )
+    n_tokens = sum(len(c) - 1 for c in ref.chunks)
+    print(f"source: {source.spec} ({source.n_params / 1e6:.1f}M parameters, {source.dtype}); llama.cpp tools from "
+          f"llama-cpp-python {version('llama-cpp-python')}; {os.cpu_count()} CPUs; ppl on {n_tokens} held-out "
+          f"tokens (source model in transformers: {ref.ppl:.3f})")  # fmt: skip
     for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)))
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ def _base_manifest(recipe: Recipe, source: SourceInfo, target: Target) -> Manife
         quant=target.quant,
         status="built",
         source=source.describe(),
-        recipe_entry=target.model_dump(mode="json"),
+        recipe_entry=target.model_dump(mode="json", exclude_none=True),
         budget=budget.model_dump(mode="json") if budget else None,
         versions=hardware.versions(),
         built_on=hardware.describe(),

@@ -32,15 +32,24 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     run = convert(path)
     assert run.returncode == 0, run.stdout + run.stderr
     model_dir = tmp_path / "artifacts" / "smollm2-135m"
-    for quant, max_ratio in (("f16", 1.001), ("q8_0", 1.01)):
-        manifest = json.loads((model_dir / f"gguf-{quant}" / "manifest.json").read_text())
+    manifests = {}
+    for target in recipe["targets"]:
+        folder = f"gguf-{target.get('name', target['quant'])}"
+        manifest = json.loads((model_dir / folder / "manifest.json").read_text())
         assert manifest["status"] == "ok", manifest["reason"]
-        assert 1 / max_ratio < manifest["quality"]["ppl_ratio"] <= max_ratio
+        assert manifest["quality"]["ppl_ratio"] <= recipe["validation"]["budgets"][manifest["target"]]["max_ppl_ratio"]
         assert 10 < manifest["quality"]["ppl_source"] < 40 and manifest["quality"]["n_tokens"] >= 2000
         assert manifest["smoke"]["tokenizer"]["matches"] and manifest["smoke"]["chat_template"]["matches"]
-        assert "Paris" in manifest["smoke"]["generation"]["cases"][0]["text"]
         assert manifest["validated_on"]["runtime"].startswith("llama.cpp")
-        assert f"gguf/{quant}" in run.stdout
+        assert manifest["target"] in run.stdout
+        manifests[manifest["target"]] = manifest
+    assert "Paris" in manifests["gguf/q8_0"]["smoke"]["generation"]["cases"][0]["text"]
+    assert manifests["gguf/f16"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+    imatrix, plain = manifests["gguf/q4_k_m-imatrix"], manifests["gguf/q4_k_m"]
+    assert imatrix["build"]["imatrix"]["chunks"] == 32
+    assert (model_dir / "gguf-q4_k_m-imatrix" / "imatrix.gguf").is_file()
+    assert imatrix["quality"]["ppl_ratio"] < plain["quality"]["ppl_ratio"]  # the importance matrix helped here
+    assert imatrix["quality"]["kl_mean"] < plain["quality"]["kl_mean"]
     summary = json.loads((model_dir / "summary.json").read_text())
     assert summary["ok"] and [r["status"] for r in summary["targets"]] == ["ok"] * len(recipe["targets"])
     assert "Finished in state Completed" in run.stderr + run.stdout

@@ -14,6 +14,8 @@ model in float32 rather than of an F16 GGUF. The file is written in llama.cpp's 
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,8 @@ import gguf
 import numpy as np
 
 from pipeline.formats.gguf_arch import architecture, tensor_name
+
+log = logging.getLogger("weightsmith")
 
 
 @dataclass
@@ -83,9 +87,15 @@ def compute(source, calibration) -> ImportanceMatrix:
             name = tensor_name(arch, f"{module_name}.weight")
             if name is not None and name != "output.weight":
                 handles.append(module.register_forward_pre_hook(collect(name)))
+    log.info("importance matrix: %d samples of %d tokens from %s", len(samples), calibration.seq_len, calibration.text)
+    start = last = time.monotonic()
     with torch.inference_mode():
-        for sample in samples:
+        for i, sample in enumerate(samples):
             model(torch.tensor([sample], device=device))
+            if time.monotonic() - last > 10:
+                last = time.monotonic()
+                eta = (last - start) / (i + 1) * (len(samples) - i - 1)
+                log.info("importance matrix: %d/%d samples, about %.0f s left", i + 1, len(samples), eta)
     for handle in handles:
         handle.remove()
     return ImportanceMatrix(

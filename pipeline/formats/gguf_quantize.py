@@ -8,6 +8,7 @@ input, K-quant mixes and fallbacks included. An importance matrix is passed as t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 from collections import Counter
@@ -17,6 +18,8 @@ import gguf
 import numpy as np
 
 from pipeline.formats import FormatError
+
+log = logging.getLogger("weightsmith")
 
 
 def quantize(source: Path, out_prefix: Path, file_type: gguf.LlamaFileType, imatrix=None, keep_split: bool = False,
@@ -36,15 +39,15 @@ def quantize(source: Path, out_prefix: Path, file_type: gguf.LlamaFileType, imat
     if entries is not None:
         params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     out = out_prefix if keep_split else out_prefix.with_name(out_prefix.name + ".gguf")
-    llama_log = logging.getLogger("llama-cpp-python")  # gates llama.cpp's own log; its per-tensor lines are noise
-    level = llama_log.level
-    llama_log.setLevel(logging.ERROR)
-    try:
+    with _captured_llama_log() as lines:
         status = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
-    finally:
-        llama_log.setLevel(level)
+    fallbacks = sum("falling back" in line for line in lines)
+    if fallbacks:
+        log.info("llama.cpp fell back to another type for %d tensor(s) whose rows do not fit the requested block",
+                 fallbacks)  # fmt: skip
     if status != 0:
-        raise FormatError(f"llama.cpp's quantizer failed for {file_type.name} (status {status}); see its log above")
+        detail = " ".join(line.strip() for line in lines[-5:])
+        raise FormatError(f"llama.cpp's quantizer failed for {file_type.name} (status {status}): {detail}")
     written = sorted(out_prefix.parent.glob(out_prefix.name + "*.gguf"))
     return dict(Counter(t.tensor_type.name for f in written for t in gguf.GGUFReader(f).tensors))
 
@@ -61,3 +64,24 @@ def _imatrix_entries(means: dict[str, np.ndarray]):
         entry.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
         entry.size = values.size
     return entries
+
+
+@contextlib.contextmanager
+def _captured_llama_log():
+    """Collect llama.cpp's log lines (hundreds of per-tensor lines for a quantization) instead of printing them;
+    they go to the debug log, and llama-cpp-python's own log callback is put back afterwards."""
+    import llama_cpp
+    from llama_cpp import _logger
+
+    lines: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def collect(level, text, user_data):
+        lines.append(text.decode("utf-8", "replace"))
+
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield lines
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+        log.debug("llama.cpp: %s", "".join(lines))
