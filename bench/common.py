@@ -1,0 +1,38 @@
+"""What the benchmarks share: measuring one child process, and printing a table."""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+
+
+def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process; raises if it fails. The peak is the child's own VmHWM,
+    polled from /proc: rusage's maxrss would include this (larger) parent's RSS at fork time."""
+    with tempfile.TemporaryFile() as log:  # a pipe would fill up with llama-quantize's log and stall it
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        peak_kb = 0
+        while proc.poll() is None:
+            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+            time.sleep(0.01)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            log.seek(0)
+            raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
+    return wall, peak_kb / 1024
+
+
+def _vm_hwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            return next((int(line.split()[1]) for line in fh if line.startswith("VmHWM:")), 0)
+    except OSError:
+        return 0
+
+
+def print_table(header: list[str], rows: list[list]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    for row in [header, *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
