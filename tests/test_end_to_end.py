@@ -34,16 +34,19 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     model_dir = tmp_path / "artifacts" / "smollm2-135m"
     manifests = {}
     for target in recipe["targets"]:
-        folder = f"gguf-{target.get('name', target['quant'])}"
+        folder = f"{target['format']}-{target.get('name', target['quant'])}"
         manifest = json.loads((model_dir / folder / "manifest.json").read_text())
         assert manifest["status"] == "ok", manifest["reason"]
         assert manifest["quality"]["ppl_ratio"] <= recipe["validation"]["budgets"][manifest["target"]]["max_ppl_ratio"]
         assert 10 < manifest["quality"]["ppl_source"] < 40 and manifest["quality"]["n_tokens"] >= 2000
         assert manifest["smoke"]["tokenizer"]["matches"] and manifest["smoke"]["chat_template"]["matches"]
-        assert manifest["validated_on"]["runtime"].startswith("llama.cpp")
+        assert manifest["validated_on"]["runtime"].startswith({"gguf": "llama.cpp", "mlx": "mlx-lm"}[target["format"]])
         assert manifest["target"] in run.stdout
         manifests[manifest["target"]] = manifest
     assert "Paris" in manifests["gguf/q8_0"]["smoke"]["generation"]["cases"][0]["text"]
+    assert "Paris" in manifests["mlx/q8"]["smoke"]["generation"]["cases"][0]["text"]
+    assert manifests["mlx/q8"]["smoke"]["runtime"]["backend"] == "cpu"  # mlx[cpu] on this Linux machine
+    assert manifests["mlx/q4"]["build"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
     assert manifests["gguf/f16"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
     imatrix, plain = manifests["gguf/q4_k_m-imatrix"], manifests["gguf/q4_k_m"]
     assert imatrix["build"]["imatrix"]["chunks"] == 32
