@@ -155,7 +155,7 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
     except Exception as exc:
         log.error("%s: smoke test crashed: %s", target.key, exc)
         return _finish(final, manifest, "failed", f"smoke test crashed: {exc}", {})
-    failures = result["failures"] + judge(result["quality"], recipe.budget(target))
+    failures = result["failures"] + judge(result["quality"], recipe.budget(target), result["smoke"]["tokenizer"])
     updates = {
         "smoke": result["smoke"],
         "quality": result["quality"],

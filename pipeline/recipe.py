@@ -101,6 +101,7 @@ class Budget(_Strict):
     max_ppl_ratio: float | None = Field(default=None, ge=1.0)
     min_top1: float | None = Field(default=None, ge=0.0, le=1.0)
     max_kl_mean: float | None = Field(default=None, ge=0.0)
+    exact_tokenizer: bool = True  # the artifact's own tokenizer must give the source's ids on the probe text
 
 
 class Validation(_Strict):

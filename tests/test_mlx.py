@@ -114,10 +114,18 @@ def test_smoke_reports_backend_and_compute_dtype(models, tmp_path):
 def test_smoke_catches_a_tokenizer_mlx_lm_would_swap(models, tmp_path):
     """transformers 5's AutoTokenizer (which mlx-lm uses) gives a qwen2 config Qwen2's pre-tokenizer whatever
     tokenizer.json says: an artifact pairing qwen2 with another tokenizer tokenizes differently in mlx-lm."""
+    from pipeline.recipe import Budget
+    from pipeline.validate import judge
+
     folder, _ = convert(models["qwen2"], tmp_path, "q8")
     result = smoke(models["qwen2"], folder)
-    assert result["failures"] == [f"tokenizer differs from the source's at token "
-                                  f"{result['smoke']['tokenizer']['first_mismatch']}"]  # fmt: skip
+    tokenizer = result["smoke"]["tokenizer"]
+    assert result["failures"] == [] and not tokenizer["matches"]
+    assert judge(result["quality"], None, tokenizer) == [
+        f"tokenizer differs from the source's at token {tokenizer['first_mismatch']} "
+        "(a budget with exact_tokenizer: false accepts it)"
+    ]
+    assert judge(result["quality"], Budget(exact_tokenizer=False), tokenizer) == []
 
 
 def test_unsupported_architecture_and_contradicting_dtype(models, tmp_path):

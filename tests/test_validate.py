@@ -81,6 +81,16 @@ def test_generation_counts_the_matching_prefix(smollm2_dir):
     assert result["cases"][0]["matching_prefix"] == 2 and result["cases"][0]["tokens"] == 4
 
 
+def test_tokenizer_difference_fails_unless_the_budget_accepts_it():
+    quality = {"ppl_ratio": 1.0, "top1_agreement": 1.0, "kl_mean": 0.0}
+    same, different = {"matches": True, "first_mismatch": None}, {"matches": False, "first_mismatch": 7}
+    assert judge(quality, None, same) == [] and judge(quality, Budget(), None) == []
+    assert judge(quality, Budget(max_ppl_ratio=1.1), different) == [
+        "tokenizer differs from the source's at token 7 (a budget with exact_tokenizer: false accepts it)"
+    ]
+    assert judge(quality, Budget(exact_tokenizer=False), different) == []
+
+
 def test_budget_judgement():
     quality = {"ppl_ratio": 1.02, "top1_agreement": 0.95, "kl_mean": 0.01}
     assert judge(quality, None) == []
