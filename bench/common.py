@@ -8,20 +8,33 @@ import time
 
 
 def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process; raises if it fails. The peak is the child's own VmHWM,
-    polled from /proc: rusage's maxrss would include this (larger) parent's RSS at fork time."""
+    """(wall seconds, peak RSS in MB) of one child process and everything it starts; raises if it fails.
+
+    The peak is the larger of the child's own high-water mark (VmHWM, which catches short spikes) and the largest
+    sum of resident memory over the child and its descendants seen while polling (tools that do their work in a
+    subprocess). rusage's maxrss is not used: it would include this (larger) parent's RSS at fork time."""
+    import psutil
+
     with tempfile.TemporaryFile() as log:  # a pipe would fill up with llama-quantize's log and stall it
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         peak_kb = 0
         while proc.poll() is None:
-            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid))
+            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid), _tree_rss_kb(psutil, proc.pid))
             time.sleep(0.01)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
     return wall, peak_kb / 1024
+
+
+def _tree_rss_kb(psutil, pid: int) -> int:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) // 1024
+    except psutil.Error:
+        return 0
 
 
 def _vm_hwm_kb(pid: int) -> int:
