@@ -11,6 +11,8 @@ import yaml
 
 from tests.conftest import REPO, write_recipe
 
+RUNTIMES = {"gguf": "llama.cpp", "mlx": "mlx-lm", "onnx": "onnxruntime"}
+
 
 def convert(recipe_path) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -38,12 +40,21 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
         manifest = json.loads((model_dir / folder / "manifest.json").read_text())
         assert manifest["status"] == "ok", manifest["reason"]
         assert manifest["quality"]["ppl_ratio"] <= recipe["validation"]["budgets"][manifest["target"]]["max_ppl_ratio"]
-        assert 10 < manifest["quality"]["ppl_source"] < 40 and manifest["quality"]["n_tokens"] >= 2000
-        assert manifest["smoke"]["tokenizer"]["matches"] and manifest["smoke"]["chat_template"]["matches"]
-        assert manifest["validated_on"]["runtime"].startswith({"gguf": "llama.cpp", "mlx": "mlx-lm"}[target["format"]])
+        assert 10 < manifest["quality"]["ppl_source"] < 40
+        assert manifest["quality"]["n_tokens"] >= (500 if target["format"] == "mlx" else 2000)  # MLX CPU: 1 context
+        assert (
+            manifest["smoke"]["tokenizer"] is None
+            or manifest["smoke"]["tokenizer"]["matches"]
+            or (manifest["budget"]["exact_tokenizer"] is False)
+        )
+        assert manifest["validated_on"]["runtime"].startswith(RUNTIMES[target["format"]])
         assert manifest["target"] in run.stdout
         manifests[manifest["target"]] = manifest
+    assert manifests["gguf/q8_0"]["smoke"]["chat_template"]["matches"]  # GGUF carries its own template
     assert "Paris" in manifests["gguf/q8_0"]["smoke"]["generation"]["cases"][0]["text"]
+    assert "Paris" in manifests["onnx/fp32"]["smoke"]["generation"]["cases"][0]["text"]
+    assert manifests["onnx/fp32"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+    assert manifests["onnx/int4"]["smoke"]["runtime"]["flavour"] == "genai"
     assert "Paris" in manifests["mlx/q8"]["smoke"]["generation"]["cases"][0]["text"]
     assert manifests["mlx/q8"]["smoke"]["runtime"]["backend"] == "cpu"  # mlx[cpu] on this Linux machine
     assert manifests["mlx/q4"]["build"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
