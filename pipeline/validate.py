@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -69,6 +70,7 @@ class Reference:
     probe_text: str
     probe_ids: list[int]
     stop_ids: set[int]
+    source: Path | None = None  # the checkpoint the reference ran, for runtimes that derive from it (RTN floor)
     description: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -124,6 +126,7 @@ def _compute_reference(source: SourceInfo, validation: Validation, dtype: str) -
         probe_text=probe_text,
         probe_ids=tokenizer(probe_text).input_ids,
         stop_ids=stop_ids,
+        source=source.path,
         description={
             "runtime": f"transformers {transformers.__version__}",
             "device": device,

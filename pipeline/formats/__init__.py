@@ -56,6 +56,6 @@ def check_group_size(source, group_size: int, quantized=lambda name: name.endswi
             )
 
 
-from pipeline.formats import gguf, mlx, onnx  # noqa: E402  (the modules import FormatError from here)
+from pipeline.formats import gguf, gptq, mlx, onnx  # noqa: E402  (the modules import FormatError from here)
 
-FORMATS: dict[str, ModuleType] = {"gguf": gguf, "mlx": mlx, "onnx": onnx}
+FORMATS: dict[str, ModuleType] = {"gguf": gguf, "gptq": gptq, "mlx": mlx, "onnx": onnx}

@@ -71,6 +71,7 @@ def export(source_dir: Path, out: Path, trust_remote_code: bool = False) -> dict
         "past": tuple({0: batch, 2: past} for _ in range(2 * n_layers)),
     }
     inputs, outputs = io_names(n_layers)
-    torch.onnx.export(WithFlatCache().eval(), example, str(out / "model.onnx"), input_names=inputs, output_names=outputs,
+    wrapper = WithFlatCache().eval()
+    torch.onnx.export(wrapper, example, str(out / "model.onnx"), input_names=inputs, output_names=outputs,
                       dynamo=True, dynamic_shapes=shapes, external_data=True)  # fmt: skip
     return {"n_layers": n_layers, "kv_heads": kv_heads, "head_dim": head_dim, "inputs": inputs, "outputs": outputs}

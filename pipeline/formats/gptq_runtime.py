@@ -1,0 +1,110 @@
+"""Runtimes for the GPTQ smoke test: GPTQModel's own loader and kernels (the independent judge), a dequantizing
+fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor to compare with."""
+
+from __future__ import annotations
+
+import json
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class TorchRuntime:
+    """A causal LM as torch module, driven through pipeline.validate's Runtime interface."""
+
+    def __init__(self, model, description: dict[str, Any]):
+        self.model, self.description = model, description
+        self.device = next(model.parameters()).device
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.tensor([ids], device=self.device)).logits[0].float().cpu().numpy()
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
+        with torch.inference_mode():
+            prompt = torch.tensor([ids], device=self.device)
+            out = self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=max_new_tokens,
+                                      do_sample=False, eos_token_id=sorted(stop_ids) or None,
+                                      pad_token_id=next(iter(stop_ids), 0))  # fmt: skip
+        return out[0, len(ids) :].tolist()
+
+    def tokenize(self, text: str) -> None:
+        return None  # the artifact ships the source's tokenizer files unchanged
+
+    def chat_template(self) -> None:
+        return None
+
+
+def open_runtime(path: Path) -> TorchRuntime:
+    """GPTQModel when installed (CPU: its TORCH_INT8 kernel; CUDA: its default GPU kernel), else dequantizing."""
+    try:
+        return _gptqmodel_runtime(path)
+    except ImportError:
+        return _dequantized_runtime(path)
+
+
+def _gptqmodel_runtime(path: Path) -> TorchRuntime:
+    from pipeline.formats.gptq import cpu_workers
+
+    cpu_workers()
+    from gptqmodel import BACKEND, GPTQModel
+
+    cuda = torch.cuda.is_available()
+    backend = BACKEND.AUTO if cuda else BACKEND.TORCH_INT8
+    # float32 activations on CPU, as the reference runs: the quality figure should measure the weights, and GPTQModel
+    # otherwise picks bfloat16 there
+    model = GPTQModel.load(str(path), device="cuda" if cuda else "cpu", backend=backend,
+                           dtype=torch.float16 if cuda else torch.float32)  # fmt: skip
+    return TorchRuntime(model.model, {
+        "runtime": f"gptqmodel {version('gptqmodel')} ({backend.name if hasattr(backend, 'name') else backend})",
+        "device": "cuda" if cuda else "cpu",
+        "validated_by": f"gptqmodel {version('gptqmodel')}",
+    })  # fmt: skip
+
+
+def _dequantized_runtime(path: Path) -> TorchRuntime:
+    """transformers on weights dequantized with our own unpacking: a weaker check, used only without gptqmodel."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.gptq import from_checkpoint
+
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    bits = config["quantization_config"]["bits"]
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    state = {n: t.float() for n, t in tensors.items() if not n.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    for name in [n.removesuffix(".qweight") for n in tensors if n.endswith(".qweight")]:
+        state[f"{name}.weight"] = from_checkpoint({k: tensors[f"{name}.{k}"] for k in
+                                                   ("qweight", "qzeros", "scales", "g_idx")}, bits)  # fmt: skip
+    plain = AutoConfig.for_model(**{k: v for k, v in config.items() if k != "quantization_config"})
+    model = AutoModelForCausalLM.from_config(plain, dtype=torch.float32)
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    try:
+        gptqmodel = version("gptqmodel")
+    except PackageNotFoundError:
+        gptqmodel = None
+    why = "gptqmodel is not installed (pip install 'weightsmith[gptq]')" if gptqmodel is None else "gptqmodel failed"
+    return TorchRuntime(model.eval(), {"runtime": "transformers (dequantized by weightsmith)", "device": "cpu",
+                                       "validated_by": f"weightsmith's own dequantization: {why}"})  # fmt: skip
+
+
+def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
+    """The quality figures of round-to-nearest on the same source weights, bits, groups and text."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.gptq import QuantSpec, rtn
+    from pipeline.validate import compare
+
+    spec = QuantSpec(bits=quantization["bits"], group_size=quantization["group_size"], sym=quantization["sym"])
+    model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.data = rtn(module.weight.data, spec).dequantized
+    return compare(reference, TorchRuntime(model, {"runtime": "transformers (round-to-nearest)"}))
