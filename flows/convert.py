@@ -53,10 +53,11 @@ def _run_name() -> str:
 
 
 @flow(name="convert", flow_run_name=_run_name, log_prints=True)
-def convert(recipe_path: str) -> dict:
-    """Build and validate every target of the recipe at `recipe_path`; fail the run if any target fails."""
+def convert(recipe_path: str, only: list[str] | None = None) -> dict:
+    """Build and validate every target of the recipe at `recipe_path` (or only the targets named in `only`); fail
+    the run if any target fails."""
     started = now()
-    recipe = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path).select(only)
     source = resolve_source(recipe)
     manifests = [validate(recipe, source, t, build(recipe, source, t)) for t in recipe.targets]
     summary = steps.summarize(recipe, source, manifests, started)

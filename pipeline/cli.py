@@ -43,6 +43,8 @@ def _parser() -> argparse.ArgumentParser:
     convert = sub.add_parser("convert", help="build and validate every target of a recipe")
     convert.add_argument("recipe", help="path to a recipe YAML file")
     convert.add_argument("--no-prefect", action="store_true", help="run the steps directly, without Prefect")
+    convert.add_argument("--only", action="append", metavar="TARGET",
+                         help="build only this target (as named in the recipe, e.g. gguf/q8_0); repeatable")  # fmt: skip
     convert.set_defaults(func=_convert)
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
@@ -57,25 +59,25 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(args) -> int:
     from pipeline.convert import run_recipe, summary_table
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe).select(args.only)
     logging.getLogger("weightsmith").setLevel(logging.INFO)
     if args.no_prefect:
         logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
         summary = run_recipe(recipe)
     else:
-        summary = _run_flow(args.recipe, recipe)
+        summary = _run_flow(args.recipe, recipe, args.only)
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
     return 0 if summary["ok"] else 1
 
 
-def _run_flow(path: str, recipe) -> dict:
+def _run_flow(path: str, recipe, only: list[str] | None) -> dict:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from flows.convert import convert
     from pipeline.artifacts import SUMMARY
 
-    state = convert(path, return_state=True)
+    state = convert(path, only=only, return_state=True)
     summary_path = recipe.output_dir() / SUMMARY
     if state.is_failed() and not summary_path.is_file():
         state.result()  # re-raises what stopped the flow before any summary was written

@@ -148,6 +148,16 @@ class Recipe(_Strict):
             raise ValueError(f"budgets for {', '.join(unknown)}, which is not a target (targets: {', '.join(keys)})")
         return validation
 
+    def select(self, keys: list[str] | None) -> Recipe:
+        """The recipe with only the targets named by `keys` (all when None or empty)."""
+        if not keys:
+            return self
+        unknown = [k for k in keys if k not in {t.key for t in self.targets}]
+        if unknown:
+            raise RecipeError(f"no target {', '.join(unknown)} in recipe {self.name} (targets: "
+                              f"{', '.join(t.key for t in self.targets)})")  # fmt: skip
+        return self.model_copy(update={"targets": [t for t in self.targets if t.key in keys]})
+
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)
 

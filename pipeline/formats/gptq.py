@@ -11,10 +11,12 @@ The artifact is the GPTQ v1 layout (`pipeline.gptq.to_checkpoint`): qweight, qze
 g_idx per linear; everything else float16; config.json with `quantization_config` and a quantize_config.json; the
 source's tokenizer and chat template; safetensors shards above `shard_size`.
 
-The smoke test does not judge with our own unpacking code: it loads the artifact with GPTQModel (CPU kernel
-`TORCH_INT8`, or a CUDA kernel when there is a GPU) and records that in `validated_by`. Where gptqmodel is not
-installed it falls back to a dequantizing check in transformers and says so. The manifest also records
-round-to-nearest's perplexity ratio on the same weights, grid and text: the floor GPTQ must beat.
+The smoke test does not judge with our own unpacking code: it loads the artifact the way serving stacks do, with
+transformers' `from_pretrained` and GPTQModel's kernels (`torch` on CPU, which computes with the exact weights;
+GPTQModel's own `TORCH_INT8` CPU kernel is faster but re-quantizes the weights per channel, which costs INT8 GPTQ
+most of its accuracy), and records that in `validated_by`. Where gptqmodel or optimum is not installed it falls back
+to a dequantizing check in transformers and says so. The manifest also records round-to-nearest's perplexity ratio
+on the same weights, grid and text: the floor GPTQ must beat.
 """
 
 from __future__ import annotations
@@ -143,8 +145,7 @@ def build(source, target, out_dir: Path, *, name: str, progress=None, calibratio
     if options.quantizer == "gptqmodel":
         from pipeline.formats.gptq_reference import quantize_with_gptqmodel
 
-        quantize_with_gptqmodel(source, spec, samples, out_dir)
-        facts["layers"] = None  # GPTQModel keeps its per-layer figures in its own log
+        facts["layers"] = quantize_with_gptqmodel(source, spec, samples, out_dir)
     else:
         threads = options.threads or SOLVER_THREADS
         facts["layers"] = write_quantized(source, spec, samples, out_dir, options.shard_size, threads)
@@ -266,9 +267,22 @@ def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
     runtime = open_runtime(artifact_dir)
     result = smoke_test(runtime, reference, validation)
     config = json.loads((artifact_dir / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-    result["quality"]["rtn_ppl_ratio"] = rtn_quality(reference, config)["ppl_ratio"]
+    quality = result["quality"]
+    quality["rtn_ppl_ratio"] = rtn_quality(reference, config)["ppl_ratio"]
     result["smoke"]["validated_by"] = runtime.description["validated_by"]
+    result["failures"] += beats_rtn(quality["ppl_ratio"], quality["rtn_ppl_ratio"])
     return result
+
+
+RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
+
+
+def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:
+    """GPTQ that is no better than round-to-nearest on the same grid is broken, whatever the budget says."""
+    if rtn_ppl_ratio > RTN_SIGNAL and ppl_ratio >= rtn_ppl_ratio:
+        return [f"perplexity ratio {ppl_ratio:.4f} is not below round-to-nearest's {rtn_ppl_ratio:.4f} on the same "
+                f"grid: the GPTQ solve did not help (check the calibration data and damp)"]  # fmt: skip
+    return []
 
 
 def cpu_workers() -> None:

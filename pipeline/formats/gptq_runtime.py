@@ -1,10 +1,10 @@
-"""Runtimes for the GPTQ smoke test: GPTQModel's own loader and kernels (the independent judge), a dequantizing
-fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor to compare with."""
+"""Runtimes for the GPTQ smoke test: transformers' GPTQ loader with GPTQModel's kernels (the independent judge), a
+dequantizing fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor to compare with."""
 
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -39,29 +39,33 @@ class TorchRuntime:
 
 
 def open_runtime(path: Path) -> TorchRuntime:
-    """GPTQModel when installed (CPU: its TORCH_INT8 kernel; CUDA: its default GPU kernel), else dequantizing."""
+    """transformers' own GPTQ loading (the path Xinference and others take), with GPTQModel's kernels: `torch` on
+    CPU, which computes with the exact weights; the default GPU kernel on CUDA. Without gptqmodel: dequantizing."""
     try:
-        return _gptqmodel_runtime(path)
+        return _transformers_runtime(path)
     except ImportError:
         return _dequantized_runtime(path)
 
 
-def _gptqmodel_runtime(path: Path) -> TorchRuntime:
+def _transformers_runtime(path: Path) -> TorchRuntime:
     from pipeline.formats.gptq import cpu_workers
 
     cpu_workers()
-    from gptqmodel import BACKEND, GPTQModel
+    import gptqmodel  # noqa: F401  (transformers' GPTQ loading needs it and optimum; fail here, not half-way)
+    import optimum  # noqa: F401
+    from transformers import AutoModelForCausalLM, GPTQConfig
 
     cuda = torch.cuda.is_available()
-    backend = BACKEND.AUTO if cuda else BACKEND.TORCH_INT8
-    # float32 activations on CPU, as the reference runs: the quality figure should measure the weights, and GPTQModel
-    # otherwise picks bfloat16 there
-    model = GPTQModel.load(str(path), device="cuda" if cuda else "cpu", backend=backend,
-                           dtype=torch.float16 if cuda else torch.float32)  # fmt: skip
-    return TorchRuntime(model.model, {
-        "runtime": f"gptqmodel {version('gptqmodel')} ({backend.name if hasattr(backend, 'name') else backend})",
+    bits = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]["bits"]
+    # float32 activations on CPU, as the reference runs there: the quality figure should measure the weights
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=GPTQConfig(bits=bits, backend=None if cuda
+                                                 else "torch"), device_map="cuda" if cuda else "cpu",
+                                                 dtype=torch.float16 if cuda else torch.float32)  # fmt: skip
+    kernel = type(model.model.layers[0].self_attn.q_proj).__name__
+    return TorchRuntime(model.eval(), {
+        "runtime": f"transformers {version('transformers')} + gptqmodel {version('gptqmodel')} ({kernel})",
         "device": "cuda" if cuda else "cpu",
-        "validated_by": f"gptqmodel {version('gptqmodel')}",
+        "validated_by": f"transformers {version('transformers')} with gptqmodel {version('gptqmodel')}",
     })  # fmt: skip
 
 
@@ -85,11 +89,7 @@ def _dequantized_runtime(path: Path) -> TorchRuntime:
     model = AutoModelForCausalLM.from_config(plain, dtype=torch.float32)
     model.load_state_dict(state, strict=False)
     model.tie_weights()
-    try:
-        gptqmodel = version("gptqmodel")
-    except PackageNotFoundError:
-        gptqmodel = None
-    why = "gptqmodel is not installed (pip install 'weightsmith[gptq]')" if gptqmodel is None else "gptqmodel failed"
+    why = "gptqmodel or optimum is not installed (pip install 'weightsmith[gptq]')"
     return TorchRuntime(model.eval(), {"runtime": "transformers (dequantized by weightsmith)", "device": "cpu",
                                        "validated_by": f"weightsmith's own dequantization: {why}"})  # fmt: skip
 
