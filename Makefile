@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/gguf_export.py
 	$(BIN)/python bench/mlx_export.py
 	$(BIN)/python bench/onnx_export.py
+	$(BIN)/python bench/gptq.py
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache

@@ -44,7 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("recipe", help="path to a recipe YAML file")
     convert.add_argument("--no-prefect", action="store_true", help="run the steps directly, without Prefect")
     convert.add_argument("--only", action="append", metavar="TARGET",
-                         help="build only this target (as named in the recipe, e.g. gguf/q8_0); repeatable")  # fmt: skip
+                         help="build only this target (its recipe name, e.g. gguf/q8_0); repeatable")  # fmt: skip
     convert.set_defaults(func=_convert)
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")

@@ -172,7 +172,11 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
         quality["top1_agreement"],
         quality["kl_mean"],
     )
-    return _finish(final, manifest, "failed" if failures else "ok", "; ".join(failures) or None, updates)
+    if failures:
+        return _finish(final, manifest, "failed", "; ".join(failures), updates)
+    if result.get("not_run"):
+        return _finish(final, manifest, "not_run", result["not_run"], updates)
+    return _finish(final, manifest, "ok", None, updates)
 
 
 def _finish(folder: Path, manifest: Manifest, status: str, reason: str | None, updates: dict[str, Any]) -> Manifest:

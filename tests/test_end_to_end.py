@@ -11,7 +11,14 @@ import yaml
 
 from tests.conftest import REPO, write_recipe
 
-RUNTIMES = {"gguf": "llama.cpp", "mlx": "mlx-lm", "onnx": "onnxruntime"}
+RUNTIMES = {
+    "gguf": "llama.cpp",
+    "mlx": "mlx-lm",
+    "onnx": "onnxruntime",
+    "gptq": "transformers",
+    "tensorrt": "transformers",
+}
+EXPECTED = {"tensorrt": "not_run"}  # the checkpoint is validated; the engine needs a CUDA worker
 
 
 def convert(recipe_path) -> subprocess.CompletedProcess:
@@ -38,7 +45,7 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     for target in recipe["targets"]:
         folder = f"{target['format']}-{target.get('name', target['quant'])}"
         manifest = json.loads((model_dir / folder / "manifest.json").read_text())
-        assert manifest["status"] == "ok", manifest["reason"]
+        assert manifest["status"] == EXPECTED.get(target["format"], "ok"), manifest["reason"]
         assert manifest["quality"]["ppl_ratio"] <= recipe["validation"]["budgets"][manifest["target"]]["max_ppl_ratio"]
         assert 10 < manifest["quality"]["ppl_source"] < 40
         assert manifest["quality"]["n_tokens"] >= (500 if target["format"] == "mlx" else 2000)  # MLX CPU: 1 context
@@ -64,8 +71,22 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     assert (model_dir / "gguf-q4_k_m-imatrix" / "imatrix.gguf").is_file()
     assert imatrix["quality"]["ppl_ratio"] < plain["quality"]["ppl_ratio"]  # the importance matrix helped here
     assert imatrix["quality"]["kl_mean"] < plain["quality"]["kl_mean"]
+    for quant in ("int8", "int4"):  # GPTQ: loaded by transformers with GPTQModel's kernel; beats round-to-nearest
+        gptq = manifests[f"gptq/{quant}"]
+        assert "gptqmodel" in gptq["smoke"]["validated_by"]
+        assert gptq["build"]["calibration"]["samples"] == 32 and len(gptq["build"]["layers"]) == 30
+    assert manifests["gptq/int4"]["quality"]["ppl_ratio"] < manifests["gptq/int4"]["quality"]["rtn_ppl_ratio"] - 0.1
     summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["ok"] and [r["status"] for r in summary["targets"]] == ["ok"] * len(recipe["targets"])
+    assert summary["ok"] and [r["status"] for r in summary["targets"]] == [
+        EXPECTED.get(t["format"], "ok") for t in recipe["targets"]
+    ]
+    for key in ("tensorrt/fp16", "tensorrt/w4a16_gptq"):
+        assert (
+            "no_cuda_device" in manifests[key]["reason"] and not (model_dir / key.replace("/", "-") / "engine").exists()
+        )
+    assert manifests["tensorrt/w4a16_gptq"]["quality"]["ppl_ratio"] == pytest.approx(
+        manifests["gptq/int4"]["quality"]["ppl_ratio"], abs=0.01
+    )  # the GPTQ weights, carried over unchanged
     assert "Finished in state Completed" in run.stderr + run.stdout
 
 

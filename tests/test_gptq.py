@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -102,8 +101,10 @@ def test_artifact_layout_matches_gptqmodels_own(build):
     theirs, facts, _ = build(group_size=32, desc_act=True, static_groups=True, quantizer="gptqmodel")
     assert facts["quantizer"] == "gptqmodel"
     assert [layer["layer"] for layer in facts["layers"]] == [0, 1]  # GPTQModel's per-module losses, from its log
-    assert set(facts["layers"][0]["errors"]) == {f"{p}_proj" for p in ("self_attn.q", "self_attn.k", "self_attn.v",
-                                                                       "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")}
+    assert set(facts["layers"][0]["errors"]) == {
+        f"{p}_proj"
+        for p in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "mlp.gate", "mlp.up", "mlp.down")
+    }
     mine, reference = load_file(ours / "model.safetensors"), load_file(theirs / "model.safetensors")
     assert {n: tuple(t.shape) for n, t in mine.items()} == {n: tuple(t.shape) for n, t in reference.items()}
     packed = ("qweight", "qzeros", "scales", "g_idx")  # unquantized tensors: float16 ours, GPTQModel's choice theirs
@@ -187,8 +188,10 @@ def test_int8_and_shards(build):
 
 def test_group_size_must_divide_every_quantized_input(tiny_model):
     source = inspect_checkpoint(tiny_model("llama"))
-    expected = (r"group size 128 does not divide the input size 64 of model\.layers\.0\.mlp\.gate_proj\.weight; "
-                r"group sizes that fit every quantized tensor: 32, 64")
+    expected = (
+        r"group size 128 does not divide the input size 64 of model\.layers\.0\.mlp\.gate_proj\.weight; "
+        r"group sizes that fit every quantized tensor: 32, 64"
+    )
     with pytest.raises(FormatError, match=expected):
         gptq_format.check(source, Target(format="gptq", quant="int4", options={"group_size": 128}))
 

@@ -17,7 +17,8 @@ A format module defines:
               write the artifact's files into out_dir (a staging folder) and return facts for the manifest
     smoke(artifact_dir, reference, validation) -> dict
               run the artifact in its own runtime against the reference (see pipeline.validate) and return the
-              measured results
+              measured results: {"smoke", "quality", "failures"}, and "not_run" (a reason) when a later step
+              could not run here although what ran passed (TensorRT-LLM's engine without a CUDA worker)
 
 `FORMATS` maps the names used in recipes to these modules; the CLI and the flow only go through it. Heavy runtime
 imports happen inside the functions, so importing this package (as recipe validation does) stays cheap.
@@ -56,6 +57,6 @@ def check_group_size(source, group_size: int, quantized=lambda name: name.endswi
             )
 
 
-from pipeline.formats import gguf, gptq, mlx, onnx  # noqa: E402  (the modules import FormatError from here)
+from pipeline.formats import gguf, gptq, mlx, onnx, tensorrt  # noqa: E402  (the modules import FormatError from here)
 
-FORMATS: dict[str, ModuleType] = {"gguf": gguf, "gptq": gptq, "mlx": mlx, "onnx": onnx}
+FORMATS: dict[str, ModuleType] = {"gguf": gguf, "gptq": gptq, "mlx": mlx, "onnx": onnx, "tensorrt": tensorrt}

@@ -1,5 +1,5 @@
 """Runtimes for the GPTQ smoke test: transformers' GPTQ loader with GPTQModel's kernels (the independent judge), a
-dequantizing fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor to compare with."""
+dequantizing fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor."""
 
 from __future__ import annotations
 

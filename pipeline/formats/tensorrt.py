@@ -1,0 +1,360 @@
+"""TensorRT-LLM: a checkpoint prepared on any machine; the engine built and smoke-tested on a CUDA worker.
+
+Three steps, each with its own status in the manifest (`steps`):
+
+1. prepare (the format's `build`, CPU): the TensorRT-LLM checkpoint (`config.json` + `rank0.safetensors`, tp=1)
+   for llama and qwen2, written by our own small converter from the tensor map below. TensorRT-LLM's converters
+   need `import tensorrt_llm`, which needs the NVIDIA driver: they cannot run on the CPU machines that prepare
+   artifacts. Quants: `fp16`/`bf16`; weight-only `w8a16`/`w4a16` (symmetric, per output channel, as TensorRT-LLM's
+   own weight-only quantizer); `w4a16_gptq` from this recipe's GPTQ artifact (option `gptq_target`).
+   The smoke step validates the checkpoint on any machine: it maps the checkpoint back into a transformers model
+   (dequantizing) and measures it against the source like every other artifact.
+2. engine build (CUDA worker with TensorRT-LLM 1.2.x, the last line that builds TensorRT engines): see
+   `pipeline.formats.tensorrt_engine`.
+3. engine smoke (same worker): the TensorRT-LLM runtime against the source model on the same GPU.
+
+Where steps 2-3 cannot run the target is `not_run` with a reason code (`no_cuda_device`, `tensorrt_llm_not_installed`,
+`tensorrt_llm_version_mismatch`, ...) after the checkpoint itself has been validated; no engine file is written.
+
+Weight-only tensors are stored in TensorRT-LLM's unprocessed layout: `weight` int8 [in, out] (int4: two values a
+byte along `out`, low nibble first, as `pack_int8_tensor_to_packed_int4` packs them) and `per_channel_scale`
+[out]; GPTQ adds `weights_scaling_factor` [groups, out] and `zero` (= (8 - zero level) · scale) [groups, out].
+TensorRT-LLM's kernels want these interleaved for the GPU's architecture (`preprocess_weights_for_mixed_gemm`),
+which only exists with TensorRT-LLM installed: the engine build applies it on the worker, so one prepared
+checkpoint serves every GPU. `config.json` says so under `weightsmith.weight_layout`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.formats import FormatError
+
+QUANTS = ("fp16", "bf16", "w8a16", "w4a16", "w4a16_gptq")
+EXTRA = "tensorrt"  # not a pip extra: TensorRT-LLM comes from NVIDIA's package index (see the README)
+HARDWARE = {"build": ("cpu", "cuda"), "smoke": ("cuda", "cpu"), "engine": ("cuda",)}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+QUANT_ALGO = {"fp16": None, "bf16": None, "w8a16": "W8A16", "w4a16": "W4A16", "w4a16_gptq": "W4A16_GPTQ"}
+WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_gptq": 4}
+
+# TensorRT-LLM linear: the HF linears concatenated along the output dimension to make it
+LINEARS = {
+    "attention.qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attention.dense": ("self_attn.o_proj",),
+    "mlp.fc": ("mlp.gate_proj",),
+    "mlp.gate": ("mlp.up_proj",),
+    "mlp.proj": ("mlp.down_proj",),
+}
+NORMS = {"input_layernorm": "input_layernorm", "post_layernorm": "post_attention_layernorm"}
+TOP = {
+    "transformer.vocab_embedding.weight": "model.embed_tokens.weight",
+    "transformer.ln_f.weight": "model.norm.weight",
+}
+
+
+class Options(BaseModel):
+    """Target options for TensorRT-LLM."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    gptq_target: str = "gptq/int4"  # w4a16_gptq: the recipe's GPTQ target whose artifact is converted
+    tensorrt_llm: str = "1.2"  # the TensorRT-LLM version (prefix) the engine must be built with
+    max_batch_size: int = 1
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    gemm_plugin: Literal["auto", "disable"] = "auto"
+
+
+class CheckpointConfig(BaseModel):
+    """config.json of a TensorRT-LLM checkpoint: the fields of TensorRT-LLM's checkpoint documentation
+    (docs/source/architecture/checkpoint.md) and its llama/qwen configs that a decoder like ours sets."""
+
+    model_config = ConfigDict(extra="allow")
+
+    architecture: str
+    dtype: Literal["float16", "bfloat16", "float32"]
+    logits_dtype: str = "float32"
+    vocab_size: int
+    max_position_embeddings: int | None
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_size: int
+    hidden_act: str
+    intermediate_size: int
+    norm_epsilon: float
+    position_embedding_type: Literal["rope_gpt_neox"]
+    rotary_base: float
+    rotary_scaling: dict | None
+    mapping: dict[str, int]
+    quantization: dict[str, Any]
+    use_parallel_embedding: bool = False
+    embedding_sharding_dim: int = 0
+    share_embedding_table: bool = False
+    attn_bias: bool
+    mlp_bias: bool = False
+    qwen_type: str | None = None
+
+
+def check_options(quant: str, options: Options) -> None:
+    if options.max_input_len > options.max_seq_len:
+        raise FormatError(f"max_input_len {options.max_input_len} exceeds max_seq_len {options.max_seq_len}")
+
+
+def missing_dependency(step: str, target) -> str | None:
+    return None  # prepare and the checkpoint check need only torch; the engine steps report their own reasons
+
+
+def check(source, target) -> None:
+    check_options(target.quant, Options.model_validate(target.options))
+    if source.model_type not in ARCHITECTURES:
+        raise FormatError(f"TensorRT-LLM checkpoints are set up for {', '.join(ARCHITECTURES)}, not "
+                          f"{source.model_type!r}")  # fmt: skip
+    config = source.config()
+    if target.quant == "w4a16" and config["hidden_size"] % 2:
+        raise FormatError("w4a16 packs two values a byte: the hidden size must be even")
+
+
+def checkpoint_config(hf: dict, quant: str, group_size: int | None) -> CheckpointConfig:
+    rope = hf.get("rope_parameters") or {}
+    heads = hf["num_attention_heads"]
+    scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
+                                         if rope.get("rope_type", "default") != "default" else None)  # fmt: skip
+    return CheckpointConfig(
+        architecture=ARCHITECTURES[hf["model_type"]],
+        dtype="bfloat16" if quant == "bf16" else "float16",
+        vocab_size=hf["vocab_size"],
+        max_position_embeddings=hf.get("max_position_embeddings"),
+        hidden_size=hf["hidden_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=heads,
+        num_key_value_heads=hf.get("num_key_value_heads") or heads,
+        head_size=hf.get("head_dim") or hf["hidden_size"] // heads,
+        hidden_act=hf["hidden_act"],
+        intermediate_size=hf["intermediate_size"],
+        norm_epsilon=hf["rms_norm_eps"],
+        position_embedding_type="rope_gpt_neox",
+        rotary_base=float(hf.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+        rotary_scaling=scaling,
+        mapping={"world_size": 1, "tp_size": 1, "pp_size": 1},
+        quantization={
+            "quant_algo": QUANT_ALGO[quant],
+            "kv_cache_quant_algo": None,
+            "group_size": group_size or 128,
+            "has_zero_point": quant == "w4a16_gptq",
+            "pre_quant_scale": False,
+            "exclude_modules": ["lm_head"],
+        },  # fmt: skip
+        attn_bias=hf["model_type"] == "qwen2" or bool(hf.get("attention_bias")),
+        qwen_type="qwen2" if hf["model_type"] == "qwen2" else None,
+        share_embedding_table=False,  # lm_head is written out even when tied: every builder path finds it
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
+    )
+
+
+def build(source, target, out_dir: Path, *, name: str, progress=None, calibration=None) -> dict[str, Any]:
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.source import Checkpoint
+
+    options = Options.model_validate(target.options)
+    dtype = torch.bfloat16 if target.quant == "bf16" else torch.float16
+    hf = source.config()
+    gptq = _gptq_artifact(out_dir.parent, options.gptq_target) if target.quant == "w4a16_gptq" else None
+    group_size = gptq["config"]["group_size"] if gptq else None
+    config = checkpoint_config(hf, target.quant, group_size).model_dump(exclude_none=False)
+    config["weightsmith"] = {"weight_layout": "unprocessed" if target.quant in WEIGHT_BITS else "plain",
+                             "source": source.spec, "gptq_artifact": gptq["path"].name if gptq else None}  # fmt: skip
+    checkpoint = Checkpoint(gptq["path"] if gptq else source.path)
+    tensors = {}
+    for trt, hf_name in TOP.items():
+        tensors[trt] = checkpoint.tensor(hf_name).to(dtype)
+    lm_head = "lm_head.weight" if "lm_head.weight" in checkpoint.names() else "model.embed_tokens.weight"
+    tensors["lm_head.weight"] = checkpoint.tensor(lm_head).to(dtype)
+    for i in range(hf["num_hidden_layers"]):
+        prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
+        for trt, hf_name in NORMS.items():
+            tensors[f"{prefix}.{trt}.weight"] = checkpoint.tensor(f"{hf_prefix}.{hf_name}.weight").to(dtype)
+        for trt, members in LINEARS.items():
+            names = [f"{hf_prefix}.{m}" for m in members]
+            if gptq:
+                tensors.update(_gptq_linear(checkpoint, names, f"{prefix}.{trt}", gptq["config"], dtype))
+            else:
+                weight = torch.cat([checkpoint.tensor(f"{n}.weight") for n in names]).to(dtype)
+                tensors.update(linear_tensors(weight, f"{prefix}.{trt}", target.quant, dtype))
+            if f"{names[0]}.bias" in checkpoint.names():
+                tensors[f"{prefix}.{trt}.bias"] = torch.cat([checkpoint.tensor(f"{n}.bias") for n in names]).to(dtype)
+        if progress:
+            progress(i + 1, hf["num_hidden_layers"], "layers")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    for file in source.tokenizer_files:  # the engine's runner tokenizes with the source's files
+        if (source.path / file).is_file():
+            shutil.copy(source.path / file, out_dir / file)
+    return {"quant_algo": QUANT_ALGO[target.quant], "tensors": len(tensors), "weight_layout":
+            config["weightsmith"]["weight_layout"], "gptq_artifact": config["weightsmith"]["gptq_artifact"],
+            "steps": {"prepare": "ok"}}  # fmt: skip
+
+
+def linear_tensors(weight, prefix: str, quant: str, dtype) -> dict[str, Any]:
+    """One linear's tensors: the weight [out, in] as is, or weight-only quantized."""
+    if quant not in ("w8a16", "w4a16"):
+        return {f"{prefix}.weight": weight}
+    q, scale = weight_only(weight, WEIGHT_BITS[quant])
+    packed = q.T.contiguous() if quant == "w8a16" else pack_int4(q.T.contiguous())
+    return {f"{prefix}.weight": packed, f"{prefix}.per_channel_scale": scale.to(dtype)}
+
+
+def weight_only(weight, bits: int):
+    """Symmetric per-output-channel quantization as TensorRT-LLM's weight-only quantizer does it: scale =
+    max|w| / (2^(bits-1) - 1) (here rounded to float16 first, the precision it is stored in), levels rounded and
+    clamped to the signed range. Returns (int8 [out, in], scale [out])."""
+    import torch
+
+    w = weight.float()
+    top = 2 ** (bits - 1) - 1
+    scale = (w.abs().amax(dim=1) / top).half().float()  # rounded as stored, so dequantization is exact
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.clamp(torch.round(w / scale[:, None]), -top - 1, top).to(torch.int8)
+    return q, scale
+
+
+def pack_int4(values):
+    """int8 values in [-8, 7], [rows, cols] -> int8 [rows, cols / 2], two a byte along cols, low nibble first."""
+    import torch
+
+    v = values.to(torch.int16)
+    low, high = v[:, 0::2] & 0xF, v[:, 1::2] & 0xF
+    return ((high << 4) | low).to(torch.uint8).view(torch.int8)
+
+
+def unpack_int4(packed):
+    import torch
+
+    b = packed.view(torch.uint8).to(torch.int16)
+    values = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(packed.shape[0], packed.shape[1] * 2)
+    return torch.where(values > 7, values - 16, values).to(torch.int8)
+
+
+def _gptq_artifact(output_dir: Path, key: str) -> dict[str, Any]:
+    """The validated GPTQ artifact this recipe built for `key`, with its quantization config."""
+    fmt, _, name = key.partition("/")
+    path = output_dir / f"{fmt}-{name}"
+    manifest = path / "manifest.json"
+    status = json.loads(manifest.read_text(encoding="utf-8")).get("status") if manifest.is_file() else None
+    if fmt != "gptq" or status != "ok":
+        raise FormatError(f"w4a16_gptq converts the GPTQ artifact of target {key}, which is "
+                          f"{'missing' if status is None else status}: list {key} before this target in the recipe "
+                          f"and let it pass")  # fmt: skip
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    if config["bits"] != 4:
+        raise FormatError(f"{key} is a {config['bits']}-bit GPTQ artifact; w4a16_gptq needs 4 bits")
+    if config["desc_act"] and not config.get("static_groups"):
+        raise FormatError(f"{key} uses act-order without static_groups: TensorRT-LLM's GPTQ kernels take no g_idx; "
+                          f"quantize with static_groups: true")  # fmt: skip
+    return {"path": path, "config": config}
+
+
+def _gptq_linear(checkpoint, names: list[str], prefix: str, config: dict, dtype) -> dict[str, Any]:
+    """A GPTQ v1 linear (or several, concatenated along the output) in TensorRT-LLM's W4A16_GPTQ terms."""
+    import torch
+
+    from pipeline.gptq import unpack
+
+    q = torch.cat([unpack(checkpoint.tensor(f"{n}.qweight"), 4, dim=0) for n in names], dim=1)  # [in, out] 0..15
+    zeros = torch.cat([unpack(checkpoint.tensor(f"{n}.qzeros"), 4, dim=1) + 1 for n in names], dim=1)  # v1: +1
+    scales = torch.cat([checkpoint.tensor(f"{n}.scales") for n in names], dim=1).float()  # [groups, out]
+    return {
+        f"{prefix}.weight": pack_int4((q - 8).to(torch.int8)),
+        f"{prefix}.weights_scaling_factor": scales.to(dtype),
+        f"{prefix}.zero": ((8 - zeros) * scales).to(dtype),
+    }
+
+
+def to_transformers_state(folder: Path) -> tuple[dict, dict[str, Any]]:
+    """Map a prepared checkpoint back to a transformers state dict (float32, weight-only tensors dequantized) and
+    the transformers config it stands for: the check that prepare lost nothing."""
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tensors = load_file(folder / "rank0.safetensors")
+    state = {hf: tensors[trt].float() for trt, hf in TOP.items()}
+    state["lm_head.weight"] = tensors["lm_head.weight"].float()
+    head, kv = config["head_size"], config["num_key_value_heads"]
+    sizes = {"attention.qkv": [config["num_attention_heads"] * head, kv * head, kv * head]}
+    for i in range(config["num_hidden_layers"]):
+        prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
+        for trt, hf_name in NORMS.items():
+            state[f"{hf_prefix}.{hf_name}.weight"] = tensors[f"{prefix}.{trt}.weight"].float()
+        for trt, members in LINEARS.items():
+            weight = dequantize(tensors, f"{prefix}.{trt}", config["quantization"])
+            parts = weight.split(sizes.get(trt, [weight.shape[0]]))
+            bias = tensors.get(f"{prefix}.{trt}.bias")
+            biases = bias.float().split(sizes.get(trt, [weight.shape[0]])) if bias is not None else [None] * len(parts)
+            for member, part, b in zip(members, parts, biases):
+                state[f"{hf_prefix}.{member}.weight"] = part
+                if b is not None:
+                    state[f"{hf_prefix}.{member}.bias"] = b
+    return state, config
+
+
+def dequantize(tensors: dict, prefix: str, quantization: dict):
+    """The float weight [out, in] a linear's tensors stand for."""
+    import torch
+
+    weight, algo = tensors[f"{prefix}.weight"], quantization["quant_algo"]
+    if algo is None:
+        return weight.float()
+    if algo == "W4A16_GPTQ":
+        q = unpack_int4(weight).float()  # [in, out]
+        scales, zero = tensors[f"{prefix}.weights_scaling_factor"].float(), tensors[f"{prefix}.zero"].float()
+        group = torch.arange(q.shape[0]) // quantization["group_size"]
+        return (q * scales[group] + zero[group]).T
+    q = (weight if algo == "W8A16" else unpack_int4(weight)).float()  # [in, out]
+    return (q * tensors[f"{prefix}.per_channel_scale"].float()).T
+
+
+def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
+    """Validate the prepared checkpoint in transformers (any machine), then build and run the engine where a CUDA
+    worker with TensorRT-LLM allows it; otherwise say why not (`not_run`)."""
+    from pipeline.formats import tensorrt_engine
+    from pipeline.formats.gptq_runtime import TorchRuntime
+    from pipeline.validate import smoke_test
+
+    model = _transformers_model(artifact_dir, reference)
+    result = smoke_test(TorchRuntime(model, {"runtime": "transformers (TensorRT-LLM checkpoint mapped back)",
+                                             "device": "cpu"}), reference, validation)  # fmt: skip
+    options = Options.model_validate(_recipe_options(artifact_dir))
+    engine = tensorrt_engine.build_and_smoke(artifact_dir, options, reference, validation)
+    result["smoke"]["engine"] = engine
+    result["smoke"]["steps"] = {"prepare": "ok", "build": engine["build"]["status"], "smoke": engine["smoke"]["status"]}
+    if engine["build"]["status"] == "not_run":
+        result["not_run"] = f"engine build and smoke: {engine['build']['reason']} ({engine['build']['detail']})"
+    result["failures"] += [f"engine {step}: {engine[step]['reason']}" for step in ("build", "smoke")
+                           if engine[step]["status"] == "failed"]  # fmt: skip
+    return result
+
+
+def _transformers_model(folder: Path, reference):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    state, _ = to_transformers_state(folder)
+    config = AutoConfig.from_pretrained(reference.source)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
+        raise ValueError(f"the checkpoint does not map back: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+def _recipe_options(folder: Path) -> dict:
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    return manifest["recipe_entry"].get("options") or {}
