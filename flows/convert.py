@@ -80,25 +80,14 @@ def convert(recipe_path: str, only: list[str] | None = None) -> dict:
 def publish(summary: dict) -> None:
     """The run's results as Prefect artifacts: a table, and a markdown note linking the manifests."""
     key = "convert-" + "".join(c if c.isalnum() else "-" for c in summary["model"].lower())
-    columns = [
-        "target",
-        "status",
-        "size_mb",
-        "ppl",
-        "ppl_ratio",
-        "top1",
-        "kl_mean",
-        "build_s",
-        "validate_s",
-        "validated_on",
-        "reason",
-    ]
+    columns = ["target", "status", "size_mb", "bits_per_weight", "ppl", "ppl_ratio", "kl_mean", "kl_p99", "top1",
+               "tokens_per_s", "build_s", "validate_s", "validated_on", "reason"]  # fmt: skip
     create_table_artifact(
         [{c: row.get(c) for c in columns} for row in summary["targets"]],
         key=key,
         description=f"weightsmith results for {summary['model']}",
     )
-    lines = [f"# {summary['model']}", "", f"source: `{summary['source']['spec']}`", ""]
+    lines = [f"# {summary['model']}", "", f"source: `{summary['source']['spec']}`; report: `{summary['report']}`", ""]
     lines += [
         f"- **{r['target']}**: {r['status']}"
         + (f" ({r['reason']})" if r["reason"] else "")

@@ -54,6 +54,7 @@ class Manifest(BaseModel):
     build: dict[str, Any] = Field(default_factory=dict)
     smoke: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
+    handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: now())
     updated_at: str = Field(default_factory=lambda: now())
@@ -138,19 +139,27 @@ def verify_files(folder: Path, manifest: Manifest) -> list[str]:
 def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
     rows = []
     for m in manifests:
-        quality = m.quality or {}
+        quality, validated = m.quality or {}, m.validated_on or {}
+        params = m.source.get("n_params")
+        generation = (m.smoke or {}).get("generation") or {}
         rows.append(
             {
                 "target": m.target,
                 "status": m.status,
                 "size_mb": round(m.size / 1e6, 1),
+                "bits_per_weight": round(m.size * 8 / params, 3) if params and m.files else None,
                 "ppl": quality.get("ppl"),
+                "ppl_source": quality.get("ppl_source"),
                 "ppl_ratio": quality.get("ppl_ratio"),
                 "top1": quality.get("top1_agreement"),
                 "kl_mean": quality.get("kl_mean"),
+                "kl_p99": quality.get("kl_p99"),
+                "tokens_per_s": generation.get("tokens_per_s"),
                 "build_s": m.timings.get("build_s"),
                 "validate_s": m.timings.get("validate_s"),
-                "validated_on": (m.validated_on or {}).get("runtime"),
+                "validated_on": f"{validated['runtime']} on {validated.get('gpu') or validated.get('cpu') or '?'}"
+                if validated.get("runtime")
+                else None,
                 "reason": m.reason,
             }
         )

@@ -68,6 +68,7 @@ def _convert(args) -> int:
         summary = _run_flow(args.recipe, recipe, args.only)
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
+    print(f"report: {summary['report']}")
     return 0 if summary["ok"] else 1
 
 

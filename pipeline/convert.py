@@ -30,6 +30,8 @@ from pipeline.artifacts import (
     write_manifest,
 )
 from pipeline.formats import FORMATS
+from pipeline.handoff import write_handoff
+from pipeline.report import write_report
 from pipeline.recipe import Recipe, Target
 from pipeline.source import SourceInfo, resolve_source
 from pipeline.validate import judge, reference
@@ -174,9 +176,15 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
     )
     if failures:
         return _finish(final, manifest, "failed", "; ".join(failures), updates)
-    if result.get("not_run"):
-        return _finish(final, manifest, "not_run", result["not_run"], updates)
-    return _finish(final, manifest, "ok", None, updates)
+    status, reason = ("not_run", result["not_run"]) if result.get("not_run") else ("ok", None)
+    validated = manifest.model_copy(update={**updates, "status": status, "reason": reason})
+    try:
+        handoff = write_handoff(final, validated)
+    except Exception as exc:  # the artifact is fine; the serving files are a convenience: say so and go on
+        log.warning("%s: no serving hand-off files: %s", target.key, exc)
+        handoff = []
+    updates |= {"files": list_files(final), "handoff": handoff}  # hand-off files and any engine the smoke built
+    return _finish(final, manifest, status, reason, updates)
 
 
 def _finish(folder: Path, manifest: Manifest, status: str, reason: str | None, updates: dict[str, Any]) -> Manifest:
@@ -198,6 +206,7 @@ def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], sta
         "targets": rows,
     }
     recipe.output_dir().mkdir(parents=True, exist_ok=True)
+    summary["report"] = str(write_report(recipe.output_dir(), summary)["html"])
     write_json(recipe.output_dir() / SUMMARY, summary)
     return summary
 

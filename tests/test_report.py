@@ -1,0 +1,145 @@
+"""The run report and the serving hand-off files, on a real run of three formats over a tiny model."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from pipeline.handoff import render_chat_template
+from pipeline.source import load_tokenizer
+from tests.conftest import write_recipe
+
+TARGETS = [("gguf", "q8_0"), ("gptq", "int4"), ("mlx", "q8"), ("tensorrt", "fp16")]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_llama, tmp_path_factory):
+    from pipeline.convert import run_recipe
+    from pipeline.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("report")
+    path = write_recipe(folder, tiny_llama, TARGETS)
+    data = yaml.safe_load(path.read_text())
+    data["targets"][1]["options"] = {"group_size": 32}
+    data["calibration"] = {"samples": 4, "seq_len": 64}
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    return recipe, run_recipe(recipe), tiny_llama
+
+
+def test_report_has_every_target_side_by_side(run):
+    recipe, summary, _ = run
+    root = recipe.output_dir()
+    assert summary["report"] == str(root / "report.html")
+    md = (root / "report.md").read_text()
+    for target in ("gguf/q8_0", "gptq/int4", "mlx/q8", "tensorrt/fp16"):
+        assert re.search(rf"^\| {re.escape(target)} \| (ok|not_run) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|", md, re.M), md
+    gguf = next(r for r in summary["targets"] if r["target"] == "gguf/q8_0")
+    assert 8.5 < gguf["bits_per_weight"] < 16  # Q8_0: 8.5 bits a weight, plus norms and the vocabulary (tiny model)
+    assert gguf["kl_p99"] >= gguf["kl_mean"] and gguf["tokens_per_s"] > 0 and "llama.cpp" in gguf["validated_on"]
+    assert (root / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_in_headless_chromium(run, tmp_path):
+    from PIL import Image
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium on this machine (.ci/run installs it)")
+    recipe, _, _ = run
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                    f"--screenshot={shot}", "--window-size=1400,1200",
+                    (recipe.output_dir() / "report.html").as_uri()], check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
+    pixels = list(Image.open(shot).convert("RGB").getdata())
+    header = sum(p == (31, 78, 121) for p in pixels)  # the table's header row
+    gguf_point = sum(p == (31, 119, 180) for p in pixels)  # a chart marker (GGUF's colour)
+    axis_text = sum(p == (0, 0, 0) for p in pixels)
+    assert header > 2000, "the table header is not on screen"
+    assert gguf_point > 30 and axis_text > 200, "the chart is not on screen"
+
+
+def parse_modelfile(text: str) -> list[tuple[str, str]]:
+    """Ollama's Modelfile grammar: `COMMAND value` lines, values quoted with \"\"\" across lines, # comments."""
+    commands, lines, i = [], text.splitlines(), 0
+    while i < len(lines):
+        line = lines[i].strip()
+        i += 1
+        if not line or line.startswith("#"):
+            continue
+        command, _, value = line.partition(" ")
+        assert command.upper() in {"FROM", "TEMPLATE", "SYSTEM", "PARAMETER", "ADAPTER", "LICENSE", "MESSAGE"}, line
+        if value.startswith('"""'):
+            value = value[3:]
+            while '"""' not in value:
+                value += "\n" + lines[i]
+                i += 1
+            value = value[: value.index('"""')]
+        commands.append((command.upper(), value))
+    return commands
+
+
+def test_gguf_handoff_files(run):
+    recipe, _, source = run
+    folder = recipe.output_dir() / "gguf-q8_0"
+    commands = parse_modelfile((folder / "Modelfile").read_text())
+    (gguf_from,) = [v for c, v in commands if c == "FROM"]
+    assert (folder / gguf_from).is_file()
+    stops = [v.split(" ", 1)[1].strip('"') for c, v in commands if c == "PARAMETER" and v.startswith("stop")]
+    tokenizer = load_tokenizer(source)
+    assert tokenizer.eos_token in stops
+    (template,) = [v for c, v in commands if c == "TEMPLATE"]
+    assert "{{ range .Messages }}" in template.replace("{{- range", "{{ range") and "<|im_start|>" in template
+    (system,) = [v for c, v in commands if c == "SYSTEM"]
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert rendered.startswith(f"<|im_start|>system\n{system}<|im_end|>")  # the template's default system prompt
+    localai = yaml.safe_load((folder / "localai.yaml").read_text())
+    assert localai["backend"] == "llama-cpp" and (folder / localai["parameters"]["model"]).is_file()
+    assert localai["template"] == {"use_tokenizer_template": True} and tokenizer.eos_token in localai["stopwords"]
+    argv = shlex.split((folder / "llama-server.sh").read_text().splitlines()[-1])
+    assert argv[:2] == ["llama-server", "-m"] and (folder / argv[2]).samefile(folder / gguf_from) and "--jinja" in argv
+
+
+def test_gptq_handoff_files(run):
+    recipe, _, source = run
+    folder = recipe.output_dir() / "gptq-int4"
+    argv = shlex.split((folder / "vllm-serve.sh").read_text().splitlines()[-1])
+    assert argv[:3] == ["vllm", "serve", str(folder.resolve())] and argv[argv.index("--quantization") + 1] == "gptq"
+    xinference = json.loads((folder / "xinference.json").read_text())
+    (spec,) = xinference["model_specs"]
+    assert spec["model_format"] == "gptq" and spec["quantization"] == "Int4"
+    assert spec["model_uri"] == folder.resolve().as_uri()
+    tokenizer = load_tokenizer(source)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why is the sky blue?"}]  # fmt: skip
+    for conversation in (messages, messages[1:2]):
+        ours = render_chat_template(xinference["chat_template"], conversation, bos_token=tokenizer.bos_token,
+                                    eos_token=tokenizer.eos_token)  # fmt: skip
+        assert ours == tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.convert_tokens_to_ids(tokenizer.eos_token) in xinference["stop_token_ids"]
+    ast.parse((folder / "transformers_example.py").read_text())
+
+
+def test_model_cards_and_other_handoffs(run):
+    recipe, summary, _ = run
+    root = recipe.output_dir()
+    for row in summary["targets"]:
+        folder = root / row["target"].replace("/", "-")
+        manifest = json.loads((folder / "manifest.json").read_text())
+        card = (folder / "README.md").read_text()
+        front = yaml.safe_load(card.split("---")[1])
+        assert front["base_model"] == manifest["source"]["spec"] and front["quantized_by"].startswith("weightsmith")
+        assert manifest["format"] in front["tags"] and front["library_name"]
+        assert f"| {row['target']} | {row['status']} |" in card
+        assert set(manifest["handoff"]) <= {f["path"] for f in manifest["files"]}  # hashed like everything else
+    assert shlex.split((root / "mlx-q8" / "mlx-server.sh").read_text().splitlines()[-1])[0] == "mlx_lm.server"
+    serve = (root / "tensorrt-fp16" / "trtllm-serve.sh").read_text().splitlines()[-1]
+    assert shlex.split(serve)[0] == "trtllm-serve"
