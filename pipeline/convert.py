@@ -31,8 +31,8 @@ from pipeline.artifacts import (
 )
 from pipeline.formats import FORMATS
 from pipeline.handoff import write_handoff
-from pipeline.report import write_report
 from pipeline.recipe import Recipe, Target
+from pipeline.report import write_report
 from pipeline.source import SourceInfo, resolve_source
 from pipeline.validate import judge, reference
 

@@ -225,11 +225,21 @@ def model_card(manifest, handoff: dict[str, str]) -> str:
     values = [manifest.target, manifest.status, f"{manifest.size / 1e6:.1f}", _fmt(quality.get("ppl"), 3),
               _fmt(quality.get("ppl_ratio"), 4), _fmt(quality.get("top1_agreement"), 4),
               _fmt(quality.get("kl_mean"), 5), (manifest.validated_on or {}).get("runtime", "-")]  # fmt: skip
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-             f"# {manifest.model} — {manifest.format} {manifest.quant}", "",
-             f"Converted from `{manifest.source.get('spec')}` by weightsmith and validated in its own runtime against "
-             "the source model (held-out perplexity, top-1 agreement and KL divergence of next-token predictions).",
-             "", "| " + " | ".join(row) + " |", "|" + "---|" * len(row), "| " + " | ".join(values) + " |", ""]  # fmt: skip
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {manifest.model} — {manifest.format} {manifest.quant}",
+        "",
+        f"Converted from `{manifest.source.get('spec')}` by weightsmith and validated in its own runtime against "
+        "the source model (held-out perplexity, top-1 agreement and KL divergence of next-token predictions).",
+        "",
+        "| " + " | ".join(row) + " |",
+        "|" + "---|" * len(row),
+        "| " + " | ".join(values) + " |",
+        "",
+    ]
     if manifest.reason:
         lines += [f"Status note: {manifest.reason}", ""]
     lines += ["## How to load it", ""] + [f"- `{name}`" for name in sorted(handoff)]

@@ -44,8 +44,14 @@ def write_report(folder: Path, summary: dict[str, Any]) -> dict[str, Path]:
 
 def markdown(summary: dict[str, Any]) -> str:
     heads = [COLUMNS[c][0] for c in COLUMNS]
-    lines = [f"# {summary['model']}", "", f"source: `{summary['source']['spec']}`; ppl of the source model: "
-             f"{_source_ppl(summary['targets'])}", "", "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]  # fmt: skip
+    lines = [
+        f"# {summary['model']}",
+        "",
+        f"source: `{summary['source']['spec']}`; ppl of the source model: {_source_ppl(summary['targets'])}",
+        "",
+        "| " + " | ".join(heads) + " |",
+        "|" + "---|" * len(heads),
+    ]
     lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in summary["targets"]]
     return "\n".join([*lines, "", "![size against quality](report.png)", ""])
 

@@ -118,8 +118,12 @@ def test_gptq_handoff_files(run):
     assert spec["model_format"] == "gptq" and spec["quantization"] == "Int4"
     assert spec["model_uri"] == folder.resolve().as_uri()
     tokenizer = load_tokenizer(source)
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Why is the sky blue?"}]  # fmt: skip
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ]
     for conversation in (messages, messages[1:2]):
         ours = render_chat_template(xinference["chat_template"], conversation, bos_token=tokenizer.bos_token,
                                     eos_token=tokenizer.eos_token)  # fmt: skip
