@@ -18,7 +18,7 @@ export HF_HUB_DISABLE_TELEMETRY = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DO_NOT_TRACK = 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench clean server worker deploy
 
 install: $(STAMP)
 
@@ -51,3 +51,20 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache
+
+# A local Prefect server (SQLite under ~/.prefect, loopback only, no telemetry) and a process worker for one
+# hardware pool. `make deploy` registers the deployments of prefect.yaml with it.
+PREFECT_PORT ?= 4200
+POOL ?= cpu
+API = PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
+
+server: $(STAMP)
+	$(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+worker: $(STAMP)
+	$(API) $(BIN)/prefect work-pool create $(POOL) --type process 2>/dev/null || true
+	$(API) $(BIN)/prefect worker start --pool $(POOL) --type process
+
+deploy: $(STAMP)
+	for pool in cpu cuda apple; do $(API) $(BIN)/prefect work-pool create $$pool --type process 2>/dev/null || true; done
+	$(API) $(BIN)/prefect --no-prompt deploy --all

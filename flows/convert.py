@@ -14,7 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from pipeline import convert as steps
+from pipeline import hardware
 from pipeline.artifacts import Manifest, now
+from pipeline.formats import FORMATS
 from pipeline.recipe import Recipe, Target, load_recipe
 from pipeline.source import SourceError, SourceInfo
 
@@ -35,8 +37,8 @@ def resolve_source(recipe: Recipe) -> SourceInfo:
 
 
 @task(name="build", task_run_name="build {target.format}/{target.quant}", cache_policy=NO_CACHE)
-def build(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
-    return steps.build_target(recipe, source, target)
+def build(recipe: Recipe, source: SourceInfo, target: Target, force: bool = False) -> Manifest:
+    return steps.build_target(recipe, source, target, force)
 
 
 @task(name="validate", task_run_name="validate {target.format}/{target.quant}", cache_policy=NO_CACHE)
@@ -52,15 +54,29 @@ def _run_name() -> str:
         return f"convert {path}"
 
 
+def hardware_tags(target: Target, step: str) -> list[str]:
+    """`gpu` for a step that will use this machine's CUDA device: a Prefect tag concurrency limit on `gpu`
+    (`prefect concurrency-limit create gpu 1`) then keeps one GPU from being oversubscribed."""
+    wanted = FORMATS[target.format].HARDWARE[step]
+    return ["gpu"] if "cuda" in wanted and "cuda" in hardware.available() else []
+
+
 @flow(name="convert", flow_run_name=_run_name, log_prints=True)
-def convert(recipe_path: str, only: list[str] | None = None) -> dict:
-    """Build and validate every target of the recipe at `recipe_path` (or only the targets named in `only`); fail
-    the run if any target fails."""
+def convert(recipe_path: str, only: list[str] | None = None, force: bool = False, source: str | None = None,
+            output: str | None = None) -> dict:  # fmt: skip
+    """Build and validate every target of the recipe at `recipe_path` (or only the targets named in `only`),
+    skipping targets whose validated artifact is up to date unless `force`; `source` and `output` override the
+    recipe's own. Fail the run if any target fails."""
     started = now()
-    recipe = load_recipe(recipe_path).select(only)
-    source = resolve_source(recipe)
-    manifests = [validate(recipe, source, t, build(recipe, source, t)) for t in recipe.targets]
-    summary = steps.summarize(recipe, source, manifests, started)
+    recipe = load_recipe(recipe_path).select(only).with_source(source)
+    if output:
+        recipe = recipe.model_copy(update={"output": output})
+    info = resolve_source(recipe)
+    manifests = []
+    for t in recipe.targets:
+        built = build.with_options(tags=hardware_tags(t, "build"))(recipe, info, t, force)
+        manifests.append(validate.with_options(tags=hardware_tags(t, "smoke"))(recipe, info, t, built))
+    summary = steps.summarize(recipe, info, manifests, started)
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
     get_run_logger().info(

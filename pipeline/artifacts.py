@@ -55,6 +55,8 @@ class Manifest(BaseModel):
     smoke: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
     handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
+    inputs: str | None = None  # hash of what the artifact was made from (see pipeline.convert.target_inputs)
+    resumed: bool = Field(default=False, exclude=True)  # this run found it complete and up to date (not stored)
     timings: dict[str, float] = Field(default_factory=dict)
     created_at: str = Field(default_factory=lambda: now())
     updated_at: str = Field(default_factory=lambda: now())
@@ -161,6 +163,7 @@ def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
                 if validated.get("runtime")
                 else None,
                 "reason": m.reason,
+                "resumed": m.resumed,
             }
         )
     return rows

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--no-prefect", action="store_true", help="run the steps directly, without Prefect")
     convert.add_argument("--only", action="append", metavar="TARGET",
                          help="build only this target (its recipe name, e.g. gguf/q8_0); repeatable")  # fmt: skip
+    convert.add_argument("--force", action="store_true", help="rebuild targets that are already up to date")
+    convert.add_argument("--source", help="convert this checkpoint instead of the recipe's source")
     convert.set_defaults(func=_convert)
     validate = sub.add_parser("validate", help="check a recipe without running it")
     validate.add_argument("recipe")
@@ -59,26 +61,26 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(args) -> int:
     from pipeline.convert import run_recipe, summary_table
 
-    recipe = load_recipe(args.recipe).select(args.only)
+    recipe = load_recipe(args.recipe).select(args.only).with_source(args.source)
     logging.getLogger("weightsmith").setLevel(logging.INFO)
     if args.no_prefect:
         logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-        summary = run_recipe(recipe)
+        summary = run_recipe(recipe, force=args.force)
     else:
-        summary = _run_flow(args.recipe, recipe, args.only)
+        summary = _run_flow(args.recipe, recipe, args)
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
     print(f"report: {summary['report']}")
     return 0 if summary["ok"] else 1
 
 
-def _run_flow(path: str, recipe, only: list[str] | None) -> dict:
+def _run_flow(path: str, recipe, args) -> dict:
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
     from flows.convert import convert
     from pipeline.artifacts import SUMMARY
 
-    state = convert(path, only=only, return_state=True)
+    state = convert(path, only=args.only, force=args.force, source=args.source, return_state=True)
     summary_path = recipe.output_dir() / SUMMARY
     if state.is_failed() and not summary_path.is_file():
         state.result()  # re-raises what stopped the flow before any summary was written

@@ -7,13 +7,16 @@ run here, so one target's trouble never stops the others.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-from pipeline import hardware
+from pipeline import __version__, hardware
 from pipeline.artifacts import (
     MANIFEST,
     SUMMARY,
@@ -80,13 +83,50 @@ def _base_manifest(recipe: Recipe, source: SourceInfo, target: Target) -> Manife
         budget=budget.model_dump(mode="json") if budget else None,
         versions=hardware.versions(),
         built_on=hardware.describe(),
+        inputs=target_inputs(recipe, source, target),
     )
 
 
-def build_target(recipe: Recipe, source: SourceInfo, target: Target) -> Manifest:
+def target_inputs(recipe: Recipe, source: SourceInfo, target: Target) -> str:
+    """A hash of everything a target's artifact and its verdict depend on: the source files, the recipe entry, its
+    budget, the calibration and validation settings, and the code. A rerun skips a target whose hash is unchanged."""
+    inputs = {
+        "source": source.fingerprint,
+        "target": target.model_dump(mode="json"),
+        "budget": (b := recipe.budget(target)) and b.model_dump(mode="json"),
+        "calibration": recipe.calibration.model_dump(mode="json"),
+        "validation": recipe.validation.model_dump(mode="json", exclude={"budgets"}),
+        "dtype": recipe.dtype,
+        "code": code_version(),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def code_version() -> str:
+    """weightsmith's version and a hash of its own source files (a changed converter invalidates its artifacts)."""
+    digest = hashlib.sha256(__version__.encode())
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return f"{__version__}+{digest.hexdigest()[:12]}"
+
+
+def up_to_date(final: Path, inputs: str | None) -> Manifest | None:
+    """The artifact at `final` if it passed validation, was made from the same inputs and is intact, else None."""
+    existing = read_manifest(final) if final.is_dir() else None
+    if existing is None or existing.status != "ok" or existing.inputs != inputs or not existing.files:
+        return None
+    return None if verify_files(final, existing) else existing
+
+
+def build_target(recipe: Recipe, source: SourceInfo, target: Target, force: bool = False) -> Manifest:
+    """Build one target into its artifact folder, unless an up-to-date validated one is there (`force` rebuilds)."""
     fmt = FORMATS[target.format]
     final = recipe.output_dir() / target.folder
     manifest = _base_manifest(recipe, source, target)
+    if not force and (done := up_to_date(final, manifest.inputs)):
+        log.info("%s: up to date (validated %s), skipped; --force rebuilds it", target.key, done.updated_at)
+        return done.model_copy(update={"resumed": True})
     if why := cannot_run(fmt, "build", target):
         log.warning("%s: build not run: %s", target.key, why)
         return _record_without_artifact(final, manifest.model_copy(update={"status": "not_run", "reason": why}))
@@ -211,13 +251,13 @@ def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], sta
     return summary
 
 
-def run_recipe(recipe: Recipe) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Every step of a recipe in sequence, without Prefect. Returns the run summary."""
     started = now()
     source = prepare(recipe)
     manifests = []
     for target in recipe.targets:
-        manifests.append(validate_target(recipe, source, target, build_target(recipe, source, target)))
+        manifests.append(validate_target(recipe, source, target, build_target(recipe, source, target, force)))
     return summarize(recipe, source, manifests, started)
 
 

@@ -158,6 +158,10 @@ class Recipe(_Strict):
                               f"{', '.join(t.key for t in self.targets)})")  # fmt: skip
         return self.model_copy(update={"targets": [t for t in self.targets if t.key in keys]})
 
+    def with_source(self, source: str | None) -> Recipe:
+        """The recipe converting `source` (bundled:NAME, a folder or a hub id) instead of its own, when given."""
+        return self if not source else self.model_copy(update={"source": SourceSpec(id=source)})
+
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)
 

@@ -1,0 +1,42 @@
+"""The `batch` Prefect flow: convert every recipe in a folder, each as its own `convert` subflow run.
+
+One recipe failing (a bad recipe, a target out of budget) does not stop the others; the batch run ends failed when
+any recipe failed, after a table artifact that lists every recipe's outcome. Scheduled nightly by the
+`batch/nightly` deployment in prefect.yaml.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+
+from flows.convert import convert
+
+
+class RecipesFailed(RuntimeError):
+    """At least one recipe of the batch failed; the batch table says which and why."""
+
+
+@flow(name="batch", flow_run_name="batch {folder}", log_prints=True)
+def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False) -> list[dict]:
+    """Convert every recipe matching `pattern` in `folder`; fail the run if any recipe failed."""
+    paths = sorted(Path(folder).glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no recipes matching {pattern} in {folder}")
+    results = []
+    for path in paths:
+        state = convert(str(path), force=force, return_state=True)
+        row = {"recipe": str(path), "status": "ok" if state.is_completed() else "failed", "detail": state.message}
+        if state.is_completed():
+            summary = state.result()
+            row["detail"] = ", ".join(f"{r['target']} {r['status']}" for r in summary["targets"])
+        results.append(row)
+        get_run_logger().info("%s: %s (%s)", path, row["status"], row["detail"])
+    create_table_artifact(results, key="batch-" + "".join(c if c.isalnum() else "-" for c in folder.lower()),
+                          description=f"weightsmith batch over {folder}")  # fmt: skip
+    failed = [r["recipe"] for r in results if r["status"] == "failed"]
+    if failed:
+        raise RecipesFailed(f"{len(failed)} of {len(results)} recipe(s) failed: {', '.join(failed)}")
+    return results
