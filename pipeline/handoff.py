@@ -21,7 +21,7 @@ CARD = "README.md"
 
 def write_handoff(folder: Path, manifest) -> list[str]:
     """Write the hand-off files for `manifest`'s artifact in `folder`; return their names."""
-    chat = _chat(folder, manifest)
+    chat = _chat(manifest)
     files = HANDOFF.get(manifest.format, lambda *_: {})(folder, manifest, chat)
     files[CARD] = model_card(manifest, files)
     for name, text in files.items():
@@ -31,7 +31,7 @@ def write_handoff(folder: Path, manifest) -> list[str]:
     return sorted(files)
 
 
-def _chat(folder: Path, manifest) -> dict[str, Any]:
+def _chat(manifest) -> dict[str, Any]:
     """The chat template, stop strings and ids, and context length, from the source checkpoint's files."""
     source = Path(manifest.source["path"])
     config = json.loads((source / "config.json").read_text(encoding="utf-8"))
@@ -39,7 +39,7 @@ def _chat(folder: Path, manifest) -> dict[str, Any]:
     generation = _read_json(source / "generation_config.json")
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     stop_ids = sorted({eos} if isinstance(eos, int) else set(eos or []))
-    vocab = {**_vocab(source / "tokenizer.json")}
+    vocab = _vocab(source / "tokenizer.json")
     stops = [vocab[i] for i in stop_ids if i in vocab]
     if isinstance(tokenizer.get("eos_token"), str) and tokenizer["eos_token"] not in stops:
         stops.append(tokenizer["eos_token"])
