@@ -89,7 +89,8 @@ def _base_manifest(recipe: Recipe, source: SourceInfo, target: Target) -> Manife
 
 def target_inputs(recipe: Recipe, source: SourceInfo, target: Target) -> str:
     """A hash of everything a target's artifact and its verdict depend on: the source files, the recipe entry, its
-    budget, the calibration and validation settings, and the code. A rerun skips a target whose hash is unchanged."""
+    budget, the calibration and validation settings, the code, and the inputs of targets it is made from. A rerun
+    skips a target whose hash is unchanged."""
     inputs = {
         "source": source.fingerprint,
         "target": target.model_dump(mode="json"),
@@ -98,8 +99,14 @@ def target_inputs(recipe: Recipe, source: SourceInfo, target: Target) -> str:
         "validation": recipe.validation.model_dump(mode="json", exclude={"budgets"}),
         "dtype": recipe.dtype,
         "code": code_version(),
+        "depends": [target_inputs(recipe, source, t) for t in recipe.targets if t.key in depends_on(target)],
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def depends_on(target: Target) -> list[str]:
+    """The recipe targets whose artifacts this one is made from (a format's optional `depends_on`)."""
+    return getattr(FORMATS[target.format], "depends_on", lambda _: [])(target)
 
 
 @functools.cache

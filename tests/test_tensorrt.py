@@ -175,3 +175,17 @@ def test_probe_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (6, 1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla P4")
     assert tensorrt_engine.probe(options)[0] == "compute_capability_unsupported"
+
+
+def test_w4a16_gptq_is_redone_when_its_gptq_artifact_is(tiny_llama, tmp_path):
+    from pipeline.convert import target_inputs
+    from pipeline.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    def inputs(group_size):
+        recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gptq", "int4"), ("tensorrt", "w4a16_gptq")]))
+        targets = [recipe.targets[0].model_copy(update={"options": {"group_size": group_size}}), recipe.targets[1]]
+        recipe = recipe.model_copy(update={"targets": targets})
+        return target_inputs(recipe, inspect_checkpoint(tiny_llama), recipe.targets[1])
+
+    assert inputs(32) == inputs(32) and inputs(32) != inputs(64)

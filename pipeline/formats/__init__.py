@@ -15,6 +15,8 @@ A format module defines:
               raise FormatError before anything is written (unsupported architecture, bad option ...)
     build(source, target, out_dir, *, name, progress, calibration) -> dict
               write the artifact's files into out_dir (a staging folder) and return facts for the manifest
+    depends_on(target) -> list[str]   (optional)
+              the recipe targets whose artifacts this target is made from
     smoke(artifact_dir, reference, validation) -> dict
               run the artifact in its own runtime against the reference (see pipeline.validate) and return the
               measured results: {"smoke", "quality", "failures"}, and "not_run" (a reason) when a later step

@@ -111,6 +111,11 @@ def missing_dependency(step: str, target) -> str | None:
     return None  # prepare and the checkpoint check need only torch; the engine steps report their own reasons
 
 
+def depends_on(target) -> list[str]:
+    """w4a16_gptq is made from the recipe's GPTQ artifact: redo it when that one is redone."""
+    return [Options.model_validate(target.options).gptq_target] if target.quant == "w4a16_gptq" else []
+
+
 def check(source, target) -> None:
     check_options(target.quant, Options.model_validate(target.options))
     if source.model_type not in ARCHITECTURES:
