@@ -11,11 +11,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from pipeline import convert as steps
 from pipeline import hardware
-from pipeline.artifacts import Manifest, now
+from pipeline.artifacts import Manifest, now, read_manifest
 from pipeline.formats import FORMATS
 from pipeline.recipe import Recipe, Target, load_recipe
 from pipeline.source import SourceError, SourceInfo
@@ -46,6 +46,11 @@ def validate(recipe: Recipe, source: SourceInfo, target: Target, built: Manifest
     return steps.validate_target(recipe, source, target, built)
 
 
+@task(name="engine", task_run_name="engine {target.format}/{target.quant}", cache_policy=NO_CACHE)
+def engine(recipe: Recipe, source: SourceInfo, target: Target, validated: Manifest) -> Manifest:
+    return steps.engine_target(recipe, source, target, validated)
+
+
 def _run_name() -> str:
     path = flow_run.parameters.get("recipe_path", "recipe")
     try:
@@ -63,10 +68,10 @@ def hardware_tags(target: Target, step: str) -> list[str]:
 
 @flow(name="convert", flow_run_name=_run_name, log_prints=True)
 def convert(recipe_path: str, only: list[str] | None = None, force: bool = False, source: str | None = None,
-            output: str | None = None) -> dict:  # fmt: skip
+            output: str | None = None, dispatch_timeout: int | None = None) -> dict:  # fmt: skip
     """Build and validate every target of the recipe at `recipe_path` (or only the targets named in `only`),
-    skipping targets whose validated artifact is up to date unless `force`; `source` and `output` override the
-    recipe's own. Fail the run if any target fails."""
+    skipping targets whose validated artifact is up to date unless `force`; `source`, `output` and
+    `dispatch_timeout` override the recipe's own. Fail the run if any target fails."""
     started = now()
     recipe = load_recipe(recipe_path).select(only).with_source(source)
     if output:
@@ -75,7 +80,11 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     manifests = []
     for t in recipe.targets:
         built = build.with_options(tags=hardware_tags(t, "build"))(recipe, info, t, force)
-        manifests.append(validate.with_options(tags=hardware_tags(t, "smoke"))(recipe, info, t, built))
+        validated = validate.with_options(tags=hardware_tags(t, "smoke"))(recipe, info, t, built)
+        if steps.has_engine(t) and validated.status == "ok" and not validated.resumed:
+            validated = run_engine(recipe, info, t, validated, {"recipe_path": recipe_path, "source": source,
+                                                                "output": output}, dispatch_timeout)  # fmt: skip
+        manifests.append(validated)
     summary = steps.summarize(recipe, info, manifests, started)
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
@@ -91,6 +100,47 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     if failed:
         raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})")
     return summary
+
+
+def run_engine(recipe: Recipe, info: SourceInfo, target: Target, validated: Manifest, where: dict,
+               timeout: int | None) -> Manifest:  # fmt: skip
+    """The engine step here when this machine has the hardware, or outside a deployment (where it reports
+    not_run); under a deployment on a machine without it, handed to the `engine/cuda` deployment's pool."""
+    wanted = FORMATS[target.format].HARDWARE["engine"]
+    if set(wanted) & hardware.available() or deployment.id is None:
+        return engine.with_options(tags=hardware_tags(target, "engine"))(recipe, info, target, validated)
+    return dispatch_engine(recipe, target, validated, wanted[0], where, timeout or recipe.dispatch_timeout_s)
+
+
+def dispatch_engine(recipe: Recipe, target: Target, validated: Manifest, kind: str, where: dict,
+                    timeout: int) -> Manifest:  # fmt: skip
+    """Run the engine step as a flow run of `engine/<kind>` on that hardware's pool, passing where the artifact is
+    (shared storage), not its data; record not_run when no worker there finishes it within `timeout` seconds."""
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.states import Cancelled
+
+    final = recipe.output_dir() / target.folder
+    logger = get_run_logger()
+    try:
+        run = run_deployment(f"engine/{kind}", parameters={**where, "target": target.key}, timeout=timeout)
+    except ObjectNotFound:
+        why = f"no deployment engine/{kind} to hand the step to (make deploy registers it)"
+        return steps.record_engine(final, validated, _not_run(f"no_{kind}_worker", why))
+    if run.state is not None and run.state.is_final():
+        logger.info("%s: engine step ran as flow run %s on pool %s: %s", target.key, run.name, kind, run.state.name)
+        return read_manifest(final) or validated
+    logger.warning("%s: no %s worker ran flow run %s within %d s; cancelling it", target.key, kind, run.name, timeout)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run.id, Cancelled(message="no worker within the dispatch timeout"), force=True)
+    why = f"no worker of pool {kind} ran engine/{kind} (flow run {run.name}) within {timeout} s"
+    return steps.record_engine(final, validated, _not_run(f"no_{kind}_worker", why))
+
+
+def _not_run(code: str, detail: str) -> dict:
+    skipped = {"status": "not_run", "reason": code, "detail": detail}
+    return {"build": skipped, "smoke": dict(skipped)}
 
 
 def publish(summary: dict) -> None:

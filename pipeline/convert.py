@@ -223,15 +223,54 @@ def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: M
     )
     if failures:
         return _finish(final, manifest, "failed", "; ".join(failures), updates)
-    status, reason = ("not_run", result["not_run"]) if result.get("not_run") else ("ok", None)
-    validated = manifest.model_copy(update={**updates, "status": status, "reason": reason})
+    return _finish_passed(final, manifest, "ok", None, updates)
+
+
+def _finish_passed(final: Path, manifest: Manifest, status: str, reason: str | None, updates: dict) -> Manifest:
+    """Record a validated artifact's outcome, with its serving hand-off files and model card."""
+    passed = manifest.model_copy(update={**updates, "status": status, "reason": reason})
     try:
-        handoff = write_handoff(final, validated)
+        handoff = write_handoff(final, passed)
     except Exception as exc:  # the artifact is fine; the serving files are a convenience: say so and go on
-        log.warning("%s: no serving hand-off files: %s", target.key, exc)
+        log.warning("%s: no serving hand-off files: %s", manifest.target, exc)
         handoff = []
-    updates |= {"files": list_files(final), "handoff": handoff}  # hand-off files and any engine the smoke built
+    updates = {**updates, "files": list_files(final), "handoff": handoff}  # hand-off files, any engine built
     return _finish(final, manifest, status, reason, updates)
+
+
+def has_engine(target: Target) -> bool:
+    return hasattr(FORMATS[target.format], "engine")
+
+
+def engine_target(recipe: Recipe, source: SourceInfo, target: Target, validated: Manifest) -> Manifest:
+    """The engine step of formats that have one (TensorRT-LLM), once the artifact itself passed, on this machine."""
+    if not has_engine(target) or validated.status != "ok" or validated.resumed:
+        return validated
+    final = recipe.output_dir() / target.folder
+    log.info("%s: engine build and smoke test", target.key)
+    try:
+        engine = FORMATS[target.format].engine(final, reference(source, recipe.validation, recipe.dtype),
+                                               recipe.validation)  # fmt: skip
+    except Exception as exc:
+        engine = {"build": {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"},
+                  "smoke": {"status": "not_run", "reason": "engine_build_failed"}}  # fmt: skip
+    return record_engine(final, read_manifest(final), engine)
+
+
+def record_engine(final: Path, manifest: Manifest, engine: dict[str, Any]) -> Manifest:
+    """Write an engine step's outcome into the artifact's manifest: ok when built and smoke-tested, failed when
+    either failed, not_run (with the reason code) when it could not run."""
+    steps = {"prepare": "ok", "build": engine["build"]["status"], "smoke": engine["smoke"]["status"]}
+    smoke = {**(manifest.smoke or {}), "engine": engine, "steps": steps}
+    failed = [f"engine {k}: {engine[k]['reason']}" for k in ("build", "smoke") if engine[k]["status"] == "failed"]
+    if failed:
+        status, reason = "failed", "; ".join(failed)
+    elif steps["build"] == "not_run":
+        status = "not_run"
+        reason = f"engine build and smoke: {engine['build']['reason']} ({engine['build'].get('detail', '')})"
+    else:
+        status, reason = "ok", None
+    return _finish_passed(final, manifest, status, reason, {"smoke": smoke})  # the model card shows the outcome
 
 
 def _finish(folder: Path, manifest: Manifest, status: str, reason: str | None, updates: dict[str, Any]) -> Manifest:
@@ -264,7 +303,8 @@ def run_recipe(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     source = prepare(recipe)
     manifests = []
     for target in recipe.targets:
-        manifests.append(validate_target(recipe, source, target, build_target(recipe, source, target, force)))
+        validated = validate_target(recipe, source, target, build_target(recipe, source, target, force))
+        manifests.append(engine_target(recipe, source, target, validated))
     return summarize(recipe, source, manifests, started)
 
 

@@ -122,6 +122,9 @@ class Recipe(_Strict):
     calibration: Calibration = Field(default_factory=Calibration)
     validation: Validation = Field(default_factory=Validation)
     output: str = "artifacts"
+    # under Prefect deployments: how long a step handed to another hardware pool (a TensorRT engine to `cuda`) may
+    # wait for a worker there before it is recorded not_run
+    dispatch_timeout_s: int = Field(default=3600, ge=1)
     allow_pickle: bool = False
     trust_remote_code: bool = False
 

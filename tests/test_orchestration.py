@@ -120,8 +120,9 @@ def prefect_server(tmp_path):
                 pass
             assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
             time.sleep(1)
-        subprocess.run([PREFECT, "work-pool", "create", "cpu", "--type", "process"], env=env, check=True,
-                       capture_output=True)  # fmt: skip
+        for pool in ("cpu", "cuda"):  # a cuda pool with no worker: steps handed to it must time out visibly
+            subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
+                           capture_output=True)  # fmt: skip
         deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True,
                                 text=True)  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
@@ -157,14 +158,19 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     manifest = json.loads((output / "smollm2-135m" / "gguf-f16" / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
 
-    # the hub is unreachable here: convert/qwen runs on a local Qwen2 checkpoint; a CUDA-only step ends not_run
+    # the hub is unreachable here: convert/qwen runs on a local Qwen2 checkpoint. Its TensorRT engine step is handed
+    # to the cuda pool, where no worker runs: it waits the dispatch timeout, then ends not_run; the rest completes
     run = run_deployment(env, "convert/qwen", only=["gguf/f16", "tensorrt/fp16"], output=str(output),
-                         source=str(tiny_model("qwen2")))  # fmt: skip
+                         source=str(tiny_model("qwen2")), dispatch_timeout=20)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     qwen = output / "qwen2.5-0.5b-instruct"
     assert json.loads((qwen / "gguf-f16" / "manifest.json").read_text())["status"] == "ok"
     trt = json.loads((qwen / "tensorrt-fp16" / "manifest.json").read_text())
-    assert trt["status"] == "not_run" and "no_cuda_device" in trt["reason"]
+    assert trt["status"] == "not_run" and "no_cuda_worker" in trt["reason"] and "within 20 s" in trt["reason"]
+    assert trt["smoke"]["steps"] == {"prepare": "ok", "build": "not_run", "smoke": "not_run"}
+    runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10).json()
+    handed = [r for r in runs if r["parameters"].get("target") == "tensorrt/fp16"]
+    assert [r["state_type"] for r in handed] == ["CANCELLED"]  # the engine/cuda run nobody picked up
 
     response = httpx.post(f"{env['PREFECT_API_URL']}/artifacts/filter", json={"artifacts": {"key": {"any_": [
         "convert-smollm2-135m", "convert-qwen2-5-0-5b-instruct"]}}}, timeout=10)  # fmt: skip

@@ -19,8 +19,10 @@ A format module defines:
               the recipe targets whose artifacts this target is made from
     smoke(artifact_dir, reference, validation) -> dict
               run the artifact in its own runtime against the reference (see pipeline.validate) and return the
-              measured results: {"smoke", "quality", "failures"}, and "not_run" (a reason) when a later step
-              could not run here although what ran passed (TensorRT-LLM's engine without a CUDA worker)
+              measured results: {"smoke", "quality", "failures"}
+    engine(artifact_dir, reference, validation) -> dict   (optional; HARDWARE["engine"])
+              a further step on other hardware once the artifact passed (TensorRT-LLM's engine build and run):
+              {"build": {"status", "reason", ...}, "smoke": {...}}, status ok, failed or not_run
 
 `FORMATS` maps the names used in recipes to these modules; the CLI and the flow only go through it. Heavy runtime
 imports happen inside the functions, so importing this package (as recipe validation does) stays cheap.

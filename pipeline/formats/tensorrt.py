@@ -37,7 +37,7 @@ from pipeline.formats import FormatError
 
 QUANTS = ("fp16", "bf16", "w8a16", "w4a16", "w4a16_gptq")
 EXTRA = "tensorrt"  # not a pip extra: TensorRT-LLM comes from NVIDIA's package index (see the README)
-HARDWARE = {"build": ("cpu", "cuda"), "smoke": ("cuda", "cpu"), "engine": ("cuda",)}
+HARDWARE = {"build": ("cpu", "cuda"), "smoke": ("cpu", "cuda"), "engine": ("cuda",)}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 QUANT_ALGO = {"fp16": None, "bf16": None, "w8a16": "W8A16", "w4a16": "W4A16", "w4a16_gptq": "W4A16_GPTQ"}
 WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_gptq": 4}
@@ -327,24 +327,21 @@ def dequantize(tensors: dict, prefix: str, quantization: dict):
 
 
 def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    """Validate the prepared checkpoint in transformers (any machine), then build and run the engine where a CUDA
-    worker with TensorRT-LLM allows it; otherwise say why not (`not_run`)."""
-    from pipeline.formats import tensorrt_engine
+    """Validate the prepared checkpoint on any machine: mapped back into transformers, against the source."""
     from pipeline.formats.gptq_runtime import TorchRuntime
     from pipeline.validate import smoke_test
 
     model = _transformers_model(artifact_dir, reference)
-    result = smoke_test(TorchRuntime(model, {"runtime": "transformers (TensorRT-LLM checkpoint mapped back)",
-                                             "device": "cpu"}), reference, validation)  # fmt: skip
+    return smoke_test(TorchRuntime(model, {"runtime": "transformers (TensorRT-LLM checkpoint mapped back)",
+                                           "device": "cpu"}), reference, validation)  # fmt: skip
+
+
+def engine(artifact_dir: Path, reference, validation) -> dict[str, Any]:
+    """Build and smoke-test the engine where a CUDA worker with TensorRT-LLM allows it, else say why not."""
+    from pipeline.formats import tensorrt_engine
+
     options = Options.model_validate(_recipe_options(artifact_dir))
-    engine = tensorrt_engine.build_and_smoke(artifact_dir, options, reference, validation)
-    result["smoke"]["engine"] = engine
-    result["smoke"]["steps"] = {"prepare": "ok", "build": engine["build"]["status"], "smoke": engine["smoke"]["status"]}
-    if engine["build"]["status"] == "not_run":
-        result["not_run"] = f"engine build and smoke: {engine['build']['reason']} ({engine['build']['detail']})"
-    result["failures"] += [f"engine {step}: {engine[step]['reason']}" for step in ("build", "smoke")
-                           if engine[step]["status"] == "failed"]  # fmt: skip
-    return result
+    return tensorrt_engine.build_and_smoke(artifact_dir, options, reference, validation)
 
 
 def _transformers_model(folder: Path, reference):
