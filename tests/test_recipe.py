@@ -91,7 +91,9 @@ def test_bad_values_point_at_their_line(tmp_path):
     )
     assert ":5: targets[0].quant: gguf has no quant 'q9' (supported: f32, f16, bf16, q8_0, q4_0, q4_1," in lines[0]
     assert lines[0].endswith(", q6_k, iq4_nl, iq4_xs)")
-    assert lines[1].endswith(":6: targets[1].format: unknown format 'tensorflow' (supported: gguf, gptq, mlx, onnx, tensorrt)")
+    assert lines[1].endswith(
+        ":6: targets[1].format: unknown format 'tensorflow' (supported: gguf, gptq, mlx, onnx, tensorrt)"
+    )
     assert lines[2].endswith(":9: validation.eval_tokens: Input should be greater than or equal to 32 (got 10)")
     assert lines[3].endswith(
         ":11: validation.budgets.gguf/q9.max_ppl: unknown key 'max_ppl' "

@@ -54,7 +54,7 @@ class Options(BaseModel):
     static_groups: bool = False  # with act-order, group grids fixed beforehand (g_idx stays in input order)
     damp: float = 0.01  # fraction of the mean Hessian diagonal added to it
     quantizer: Literal["weightsmith", "gptqmodel"] = "weightsmith"
-    threads: int | None = None  # torch threads for the solver (default: 1, see SOLVER_THREADS)
+    threads: int | None = None  # torch threads for the solver (default: torch's, all cores; 1 on a loaded machine)
     shard_size: int = 2_000_000_000  # bytes per safetensors shard
 
     @field_validator("shard_size", mode="before")
@@ -126,9 +126,6 @@ def quantization_config(spec) -> dict[str, Any]:
     }
 
 
-SOLVER_THREADS = 1  # see bench/gptq.py: on this project's 2-core machines one thread solved faster than two
-
-
 def build(source, target, out_dir: Path, *, name: str, progress=None, calibration=None) -> dict[str, Any]:
     from pipeline.corpus import calibration_samples, load_text, samples_digest
     from pipeline.source import load_tokenizer
@@ -147,7 +144,9 @@ def build(source, target, out_dir: Path, *, name: str, progress=None, calibratio
 
         facts["layers"] = quantize_with_gptqmodel(source, spec, samples, out_dir)
     else:
-        threads = options.threads or SOLVER_THREADS
+        # bench/gptq.py: on an idle 2-core machine two solver threads are faster than one; on a loaded one a single
+        # thread solved 3-8x faster, which is what `threads: 1` is for
+        threads = options.threads or torch_threads()
         facts["layers"] = write_quantized(source, spec, samples, out_dir, options.shard_size, threads)
         facts["solver_threads"] = threads
     facts["quantize_s"] = round(time.perf_counter() - start, 2)
@@ -169,6 +168,12 @@ def _write_configs(source, spec, out_dir: Path) -> None:
     (out_dir / "quantize_config.json").write_text(json.dumps(qconfig, indent=2) + "\n", encoding="utf-8")
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def write_quantized(source, spec, samples: list[list[int]], out_dir: Path, shard_size: int, threads: int) -> list:
     """Quantize layer by layer and write the checkpoint; return each layer's per-linear output errors (GPTQ's and
     round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs). Forward
@@ -176,7 +181,7 @@ def write_quantized(source, spec, samples: list[list[int]], out_dir: Path, shard
     import torch
 
     from pipeline.formats.gptq_layers import LayerStream
-    from pipeline.gptq import gptq, output_energy, output_error, rtn, split_rows, to_checkpoint
+    from pipeline.gptq import gptq, output_errors, rtn, split_rows, to_checkpoint
 
     stream = LayerStream(source, samples)
     writer = ShardWriter(out_dir, shard_size)
@@ -193,11 +198,9 @@ def write_quantized(source, spec, samples: list[list[int]], out_dir: Path, shard
             solved = gptq(torch.cat(weights), hessian, spec)
             for (name, module), part in zip(members, split_rows(solved, [w.shape[0] for w in weights])):
                 weight = originals[f"{name}.weight"]
-                energy = output_energy(weight, hessian)
-                errors[name] = {
-                    "gptq": round(output_error(weight, part.dequantized, hessian, energy), 6),
-                    "rtn": round(output_error(weight, rtn(weight, spec).dequantized, hessian, energy), 6),
-                }
+                found = output_errors(weight, {"gptq": part.dequantized, "rtn": rtn(weight, spec).dequantized},
+                                      hessian, stream.dtype)  # fmt: skip
+                errors[name] = {k: round(v, 6) for k, v in found.items()}
                 module.weight.data = part.dequantized.to(stream.dtype)
                 prefix = f"model.layers.{index}.{name}"
                 for key, value in to_checkpoint(part, spec.bits).items():
