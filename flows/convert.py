@@ -16,7 +16,7 @@ from prefect.runtime import deployment, flow_run
 from pipeline import convert as steps
 from pipeline import hardware
 from pipeline.artifacts import Manifest, now, read_manifest
-from pipeline.formats import FORMATS
+from pipeline.formats import FORMATS, engine_not_run
 from pipeline.recipe import Recipe, Target, load_recipe
 from pipeline.source import SourceError, SourceInfo
 
@@ -127,7 +127,7 @@ def dispatch_engine(recipe: Recipe, target: Target, validated: Manifest, kind: s
         run = run_deployment(f"engine/{kind}", parameters={**where, "target": target.key}, timeout=timeout)
     except ObjectNotFound:
         why = f"no deployment engine/{kind} to hand the step to (make deploy registers it)"
-        return steps.record_engine(final, validated, _not_run(f"no_{kind}_worker", why))
+        return steps.record_engine(final, validated, engine_not_run(f"no_{kind}_worker", why))
     if run.state is not None and run.state.is_final():
         logger.info("%s: engine step ran as flow run %s on pool %s: %s", target.key, run.name, kind, run.state.name)
         return read_manifest(final) or validated
@@ -135,12 +135,7 @@ def dispatch_engine(recipe: Recipe, target: Target, validated: Manifest, kind: s
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run.id, Cancelled(message="no worker within the dispatch timeout"), force=True)
     why = f"no worker of pool {kind} ran engine/{kind} (flow run {run.name}) within {timeout} s"
-    return steps.record_engine(final, validated, _not_run(f"no_{kind}_worker", why))
-
-
-def _not_run(code: str, detail: str) -> dict:
-    skipped = {"status": "not_run", "reason": code, "detail": detail}
-    return {"build": skipped, "smoke": dict(skipped)}
+    return steps.record_engine(final, validated, engine_not_run(f"no_{kind}_worker", why))
 
 
 def publish(summary: dict) -> None:

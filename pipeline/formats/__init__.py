@@ -30,11 +30,26 @@ imports happen inside the functions, so importing this package (as recipe valida
 
 from __future__ import annotations
 
+import re
 from types import ModuleType
+from typing import Any
 
 
 class FormatError(ValueError):
     """A target that this format cannot produce from this source; raised before any output is written."""
+
+
+def parse_size(value: Any) -> Any:
+    """'2G', '500M', '64K', '1000' (bytes, decimal units) -> int; anything else unchanged for pydantic to judge."""
+    if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", value.upper())):
+        return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)]
+    return value
+
+
+def engine_not_run(code: str, detail: str) -> dict[str, Any]:
+    """The outcome of an engine step that could not run: both its parts not_run, with the reason code."""
+    skipped = {"status": "not_run", "reason": code, "detail": detail}
+    return {"build": skipped, "smoke": dict(skipped)}
 
 
 def check_group_size(source, group_size: int, quantized=lambda name: name.endswith(".weight")) -> None:

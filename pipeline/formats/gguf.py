@@ -20,7 +20,6 @@ itself, through llama-cpp-python (the `gguf` extra).
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from collections import Counter
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from pipeline.formats import FormatError
+from pipeline.formats import FormatError, parse_size
 from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, extra_tensors, permute_qk
 from pipeline.formats.gguf_arch import tensor_name as gguf_tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
@@ -64,9 +63,7 @@ class Options(BaseModel):
     @field_validator("split_max_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", value.upper())):
-            return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)]
-        return value
+        return parse_size(value)
 
 
 def file_type(quant: str) -> LlamaFileType:

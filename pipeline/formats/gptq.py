@@ -33,7 +33,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from pipeline.formats import FormatError, check_group_size
+from pipeline.formats import FormatError, check_group_size, parse_size
 
 QUANTS = ("int4", "int8")
 EXTRA = "gptq"
@@ -60,9 +60,7 @@ class Options(BaseModel):
     @field_validator("shard_size", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
-        if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", value.upper())):
-            return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)]
-        return value
+        return parse_size(value)
 
 
 def bits(quant: str) -> int:

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.formats import engine_not_run
+
 INSTALL = "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvidia.com (on a CUDA machine)"
 MIN_CAPABILITY = (7, 5)
 
@@ -51,9 +53,7 @@ def probe(options) -> tuple[str, str] | None:
 
 def build_and_smoke(artifact_dir: Path, options, reference, validation) -> dict[str, Any]:
     if why := probe(options):
-        code, detail = why
-        skipped = {"status": "not_run", "reason": code, "detail": detail}
-        return {"build": skipped, "smoke": dict(skipped)}
+        return engine_not_run(*why)
     engine_dir = artifact_dir / "engine"
     try:
         info = build_engine(artifact_dir, engine_dir, options)
