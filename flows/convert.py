@@ -1,12 +1,16 @@
 """The `convert` Prefect flow: one recipe in, every artifact built and validated.
 
 One task resolves the source (retried on transient network errors only), then each target gets a build task and a
-validate task. The steps themselves are the library's (`pipeline.convert`); this module only adds Prefect: task
-names, retries, a table artifact with the results, and a failed flow run when any target fails. It runs without a
-Prefect server (ephemeral mode) as well as under a deployment.
+validate task (and an engine task for TensorRT-LLM). The steps themselves are the library's (`pipeline.convert`);
+this module only adds Prefect: task names, retries, hardware routing, a table artifact with the results, and a
+failed flow run when any target fails. It runs without a Prefect server (ephemeral mode) as well as under a
+deployment. Under a deployment, a step whose preferred hardware this machine lacks becomes a flow run of the
+`step/<pool>` deployment on that hardware's work pool (see `hardware.route` and `flows/step.py`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,9 +18,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
 from pipeline import convert as steps
-from pipeline import hardware
+from pipeline import hardware, storage
 from pipeline.artifacts import Manifest, now, read_manifest
-from pipeline.formats import FORMATS, engine_not_run
+from pipeline.formats import FORMATS
 from pipeline.recipe import Recipe, Target, load_recipe
 from pipeline.source import SourceError, SourceInfo
 
@@ -51,6 +55,9 @@ def engine(recipe: Recipe, source: SourceInfo, target: Target, validated: Manife
     return steps.engine_target(recipe, source, target, validated)
 
 
+TASKS = {"build": build, "smoke": validate, "engine": engine}  # keyed like each format's HARDWARE
+
+
 def _run_name() -> str:
     path = flow_run.parameters.get("recipe_path", "recipe")
     try:
@@ -77,14 +84,15 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     if output:
         recipe = recipe.model_copy(update={"output": output})
     info = resolve_source(recipe)
+    handoff = Handoff(recipe_path, source, output, force, dispatch_timeout or recipe.dispatch_timeout_s)
     manifests = []
     for t in recipe.targets:
-        built = build.with_options(tags=hardware_tags(t, "build"))(recipe, info, t, force)
-        validated = validate.with_options(tags=hardware_tags(t, "smoke"))(recipe, info, t, built)
-        if steps.has_engine(t) and validated.status == "ok" and not validated.resumed:
-            validated = run_engine(recipe, info, t, validated, {"recipe_path": recipe_path, "source": source,
-                                                                "output": output}, dispatch_timeout)  # fmt: skip
-        manifests.append(validated)
+        current = run_step("build", recipe, info, t, None, handoff)
+        if current.status == "built":
+            current = run_step("smoke", recipe, info, t, current, handoff)
+        if steps.has_engine(t) and current.status == "ok" and not current.resumed:
+            current = run_step("engine", recipe, info, t, current, handoff)
+        manifests.append(current)
     summary = steps.summarize(recipe, info, manifests, started)
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
@@ -102,40 +110,78 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     return summary
 
 
-def run_engine(recipe: Recipe, info: SourceInfo, target: Target, validated: Manifest, where: dict,
-               timeout: int | None) -> Manifest:  # fmt: skip
-    """The engine step here when this machine has the hardware, or outside a deployment (where it reports
-    not_run); under a deployment on a machine without it, handed to the `engine/cuda` deployment's pool."""
-    wanted = FORMATS[target.format].HARDWARE["engine"]
-    if set(wanted) & hardware.available() or deployment.id is None:
-        return engine.with_options(tags=hardware_tags(target, "engine"))(recipe, info, target, validated)
-    return dispatch_engine(recipe, target, validated, wanted[0], where, timeout or recipe.dispatch_timeout_s)
+class Handoff(NamedTuple):
+    """What a step handed to another pool needs to find its recipe and artifact, and how long it may wait there."""
+
+    recipe_path: str
+    source: str | None
+    output: str | None
+    force: bool
+    timeout: int
 
 
-def dispatch_engine(recipe: Recipe, target: Target, validated: Manifest, kind: str, where: dict,
-                    timeout: int) -> Manifest:  # fmt: skip
-    """Run the engine step as a flow run of `engine/<kind>` on that hardware's pool, passing where the artifact is
-    (shared storage), not its data; record not_run when no worker there finishes it within `timeout` seconds."""
+def run_step(step: str, recipe: Recipe, info: SourceInfo, target: Target, current: Manifest | None,
+             handoff: Handoff) -> Manifest:  # fmt: skip
+    """`step` ("build", "smoke" or "engine") of `target` as a task here, or as a flow run on the hardware pool that
+    `hardware.route` chooses (under a deployment only: outside one every step runs here, and one that cannot
+    reports not_run)."""
+    pool = None
+    if deployment.id is not None:
+        wanted = FORMATS[target.format].HARDWARE[step]
+        pool = hardware.route(wanted, hardware.available(), recipe.hardware_fallback, workers_online)
+    if pool is None:
+        task = TASKS[step].with_options(tags=hardware_tags(target, step))
+        return task(recipe, info, target, handoff.force) if step == "build" else task(recipe, info, target, current)
+    return dispatch(step, pool, recipe, info, target, current, handoff)
+
+
+def workers_online(pool: str) -> bool:
+    """Whether a worker of work pool `pool` is online (has sent a heartbeat recently)."""
+    from prefect import get_client
+    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            workers = client.read_workers_for_work_pool(pool)
+        except ObjectNotFound:
+            return False
+    return any(w.status == WorkerStatus.ONLINE for w in workers)
+
+
+def dispatch(step: str, pool: str, recipe: Recipe, info: SourceInfo, target: Target, current: Manifest | None,
+             handoff: Handoff) -> Manifest:  # fmt: skip
+    """Run `step` as a flow run of `step/<pool>` on that hardware's pool, passing where the recipe and artifact are
+    (shared storage), not their data; record not_run when no worker there finishes it within the timeout."""
     from prefect import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
 
     final = recipe.output_dir() / target.folder
-    logger = get_run_logger()
+    code, logger = f"no_{pool}_worker", get_run_logger()
+    params = {**handoff._asdict(), "target": target.key, "step": step}
+    del params["timeout"]
     try:
-        run = run_deployment(f"engine/{kind}", parameters={**where, "target": target.key}, timeout=timeout)
+        run = run_deployment(f"step/{pool}", parameters=params, timeout=handoff.timeout)
     except ObjectNotFound:
-        why = f"no deployment engine/{kind} to hand the step to (make deploy registers it)"
-        return steps.record_engine(final, validated, engine_not_run(f"no_{kind}_worker", why))
-    if run.state is not None and run.state.is_final():
-        logger.info("%s: engine step ran as flow run %s on pool %s: %s", target.key, run.name, kind, run.state.name)
-        return read_manifest(final) or validated
-    logger.warning("%s: no %s worker ran flow run %s within %d s; cancelling it", target.key, kind, run.name, timeout)
-    with get_client(sync_client=True) as client:
-        client.set_flow_run_state(run.id, Cancelled(message="no worker within the dispatch timeout"), force=True)
-    why = f"no worker of pool {kind} ran engine/{kind} (flow run {run.name}) within {timeout} s"
-    return steps.record_engine(final, validated, engine_not_run(f"no_{kind}_worker", why))
+        why = f"no deployment step/{pool} to hand the step to (make deploy registers it)"
+        return steps.record_elsewhere(recipe, info, target, step, current, "not_run", code, why)
+    if run.state is None or not run.state.is_final():
+        logger.warning("%s: no %s worker ran flow run %s within %d s; cancelling it", target.key, pool, run.name,
+                       handoff.timeout)  # fmt: skip
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelled(message="no worker within the dispatch timeout"), force=True)
+        why = f"no worker of pool {pool} ran step/{pool} (flow run {run.name}) within {handoff.timeout} s"
+        return steps.record_elsewhere(recipe, info, target, step, current, "not_run", code, why)
+    logger.info("%s: %s ran as flow run %s on pool %s: %s", target.key, step, run.name, pool, run.state.name)
+    storage.pull(recipe.output, recipe.name, target.folder)
+    done = read_manifest(final)
+    if not run.state.is_completed() or done is None:
+        why = f"flow run {run.name} on pool {pool} ended {run.state.name}: {run.state.message}"
+        return steps.record_elsewhere(recipe, info, target, step, current, "failed", f"{step}_on_{pool}", why)
+    # a fresh build leaves `built`; `ok` after a build step means the worker found the artifact up to date
+    return done.model_copy(update={"resumed": step == "build" and done.status == "ok"})
 
 
 def publish(summary: dict) -> None:

@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from pipeline import __version__, hardware
+from pipeline import __version__, hardware, storage
 from pipeline.artifacts import (
     MANIFEST,
     SUMMARY,
@@ -32,7 +32,7 @@ from pipeline.artifacts import (
     write_json,
     write_manifest,
 )
-from pipeline.formats import FORMATS
+from pipeline.formats import FORMATS, engine_not_run
 from pipeline.handoff import write_handoff
 from pipeline.recipe import Recipe, Target
 from pipeline.report import write_report
@@ -40,6 +40,20 @@ from pipeline.source import SourceInfo, resolve_source
 from pipeline.validate import judge, reference
 
 log = logging.getLogger("weightsmith")
+
+
+def synced(step):
+    """Run `step(recipe, source, target, ...)` on the target's artifact pulled from the recipe's output storage, and
+    push what it leaves (a no-op for a plain folder output; see pipeline.storage)."""
+
+    @functools.wraps(step)
+    def run(recipe: Recipe, source: SourceInfo, target: Target, *args, **kwargs) -> Manifest:
+        storage.pull(recipe.output, recipe.name, target.folder)
+        result = step(recipe, source, target, *args, **kwargs)
+        storage.push(recipe.output, recipe.name, target.folder)
+        return result
+
+    return run
 
 
 def prepare(recipe: Recipe) -> SourceInfo:
@@ -126,6 +140,7 @@ def up_to_date(final: Path, inputs: str | None) -> Manifest | None:
     return None if verify_files(final, existing) else existing
 
 
+@synced
 def build_target(recipe: Recipe, source: SourceInfo, target: Target, force: bool = False) -> Manifest:
     """Build one target into its artifact folder, unless an up-to-date validated one is there (`force` rebuilds)."""
     fmt = FORMATS[target.format]
@@ -184,6 +199,7 @@ def _progress(key: str):
     return report
 
 
+@synced
 def validate_target(recipe: Recipe, source: SourceInfo, target: Target, built: Manifest) -> Manifest:
     """Smoke-test the artifact `build_target` reported as built; any other outcome passes through unchanged."""
     if built.status != "built":
@@ -242,6 +258,7 @@ def has_engine(target: Target) -> bool:
     return hasattr(FORMATS[target.format], "engine")
 
 
+@synced
 def engine_target(recipe: Recipe, source: SourceInfo, target: Target, validated: Manifest) -> Manifest:
     """The engine step of formats that have one (TensorRT-LLM), once the artifact itself passed, on this machine."""
     if not has_engine(target) or validated.status != "ok" or validated.resumed:
@@ -273,6 +290,25 @@ def record_engine(final: Path, manifest: Manifest, engine: dict[str, Any]) -> Ma
     return _finish_passed(final, manifest, status, reason, {"smoke": smoke})  # the model card shows the outcome
 
 
+@synced
+def record_elsewhere(recipe: Recipe, source: SourceInfo, target: Target, step: str, current: Manifest | None,
+                     status: str, code: str, detail: str) -> Manifest:  # fmt: skip
+    """Record that `step` ("build", "smoke" or "engine") of `target`, handed to another hardware pool, did not run
+    there (`not_run`) or failed there (`failed`), with a reason code (`no_apple_worker`) and its detail."""
+    final = recipe.output_dir() / target.folder
+    if step == "engine":
+        outcome = engine_not_run(code, detail)
+        if status == "failed":
+            outcome["build"] = {"status": "failed", "reason": f"{code}: {detail}"}
+        return record_engine(final, current, outcome)
+    if step == "build":
+        failed = _base_manifest(recipe, source, target).model_copy(
+            update={"status": status, "reason": f"build: {code}: {detail}"}
+        )
+        return _record_without_artifact(final, failed)
+    return _finish(final, current, status, f"smoke: {code}: {detail}", {})
+
+
 def _finish(folder: Path, manifest: Manifest, status: str, reason: str | None, updates: dict[str, Any]) -> Manifest:
     if status != "ok":
         log.warning("%s: %s: %s", manifest.target, status, reason)
@@ -292,8 +328,10 @@ def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], sta
         "targets": rows,
     }
     recipe.output_dir().mkdir(parents=True, exist_ok=True)
-    summary["report"] = str(write_report(recipe.output_dir(), summary)["html"])
+    report = write_report(recipe.output_dir(), summary)
+    summary["report"] = str(report["html"])
     write_json(recipe.output_dir() / SUMMARY, summary)
+    storage.push_files(recipe.output, recipe.name, [SUMMARY, *(p.name for p in report.values())])
     return summary
 
 

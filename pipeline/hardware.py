@@ -6,6 +6,7 @@ import importlib.metadata
 import os
 import platform
 import socket
+from collections.abc import Callable
 from functools import lru_cache
 
 LIBRARIES = (
@@ -52,9 +53,21 @@ def describe() -> dict:
     return info
 
 
+KINDS = ("cpu", "cuda", "apple")
+
+
 @lru_cache(maxsize=1)
 def available() -> frozenset[str]:
-    """Hardware kinds this machine offers: always `cpu`; `cuda` with a usable CUDA device; `apple` on Apple silicon."""
+    """Hardware kinds this machine offers: always `cpu`; `cuda` with a usable CUDA device; `apple` on Apple silicon.
+
+    `WEIGHTSMITH_HARDWARE=cpu,cuda` declares them instead of detecting them: a worker kept off a GPU that other work
+    owns, or a second worker on one machine that plays another pool's part in a test of the routing."""
+    if declared := os.environ.get("WEIGHTSMITH_HARDWARE", "").strip():
+        kinds = {k.strip() for k in declared.split(",") if k.strip()}
+        if unknown := kinds - set(KINDS):
+            raise ValueError(f"WEIGHTSMITH_HARDWARE: unknown kind(s) {', '.join(sorted(unknown))} "
+                             f"(kinds: {', '.join(KINDS)})")  # fmt: skip
+        return frozenset(kinds | {"cpu"})
     kinds = {"cpu"}
     try:
         import torch
@@ -66,6 +79,19 @@ def available() -> frozenset[str]:
     if platform.system() == "Darwin" and platform.machine() == "arm64":
         kinds.add("apple")
     return frozenset(kinds)
+
+
+def route(wanted: tuple[str, ...], here: frozenset[str], fallback: bool, online: Callable[[str], bool]) -> str | None:
+    """Where a step that can run on `wanted` (preferred first) runs, seen from a machine offering `here`: None for
+    this machine, else the hardware pool to hand it to. Here when this machine has the preferred kind; the preferred
+    pool when a worker is online there, when nothing here can run the step, or when the recipe forbids falling back
+    (`hardware_fallback: false`); else here, on the next kind it supports."""
+    preferred = wanted[0]
+    if preferred in here:
+        return None
+    if set(wanted) & here and fallback and not online(preferred):
+        return None
+    return preferred
 
 
 def versions(extra: tuple[str, ...] = ()) -> dict[str, str]:

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from pipeline import formats
+from pipeline import formats, storage
 from pipeline.formats import FormatError
 
 BUILTIN_CORPUS = "builtin:corpus"
@@ -121,10 +121,13 @@ class Recipe(_Strict):
     targets: list[Target] = Field(min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     validation: Validation = Field(default_factory=Validation)
-    output: str = "artifacts"
+    output: str = "artifacts"  # a folder (shared by every worker under deployments), or an fsspec URL: s3://bucket/dir
     # under Prefect deployments: how long a step handed to another hardware pool (a TensorRT engine to `cuda`) may
     # wait for a worker there before it is recorded not_run
     dispatch_timeout_s: int = Field(default=3600, ge=1)
+    # under Prefect deployments: a step whose preferred hardware has no online worker (MLX validation on `apple`,
+    # GPTQ on `cuda`) runs on the next kind it supports where the flow runs; false waits for the preferred pool
+    hardware_fallback: bool = True
     allow_pickle: bool = False
     trust_remote_code: bool = False
 
@@ -171,9 +174,18 @@ class Recipe(_Strict):
     def budget(self, target: Target) -> Budget | None:
         return self.validation.budgets.get(target.key)
 
+    @field_validator("output")
+    @classmethod
+    def _output_reachable(cls, value: str) -> str:
+        if storage.is_url(value):
+            storage.check_url(value)
+        return value
+
     def output_dir(self, base: Path | None = None) -> Path:
         """The model's artifact root, `<output>/<name>`; a relative `output` is taken from `base` (default: the current
-        directory)."""
+        directory). For a URL output (`s3://...`), the local mirror that the steps work in (see pipeline.storage)."""
+        if storage.is_url(self.output):
+            return storage.mirror(self.output) / self.name
         root = Path(self.output).expanduser()
         if not root.is_absolute():
             root = (base or Path.cwd()) / root

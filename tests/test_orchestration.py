@@ -91,6 +91,33 @@ def test_batch_converts_every_recipe_and_reports_a_failure(tiny_llama, tmp_path)
     assert json.loads(bad_manifest.read_text())["status"] == "failed"
 
 
+def test_route_prefers_the_first_kind_and_falls_back_only_when_allowed():
+    from pipeline.hardware import route
+
+    cpu, online = frozenset({"cpu"}), {"apple"}.__contains__
+    assert route(("cpu", "cuda"), cpu, True, online) is None  # preferred kind here
+    assert route(("apple", "cpu", "cuda"), cpu, True, online) == "apple"  # a worker there: hand it over
+    assert route(("cuda", "cpu"), cpu, True, online) is None  # nobody on cuda: fall back here
+    assert route(("cuda", "cpu"), cpu, False, online) == "cuda"  # the recipe forbids falling back: wait there
+    assert route(("cuda",), cpu, True, online) == "cuda"  # nothing here can run it
+    assert route(("cuda",), frozenset({"cpu", "cuda"}), True, online) is None
+
+
+def test_declared_hardware_replaces_detection(monkeypatch):
+    from pipeline import hardware
+
+    hardware.available.cache_clear()
+    try:
+        monkeypatch.setenv("WEIGHTSMITH_HARDWARE", "apple")
+        assert hardware.available() == {"cpu", "apple"}
+        hardware.available.cache_clear()
+        monkeypatch.setenv("WEIGHTSMITH_HARDWARE", "cpu,tpu")
+        with pytest.raises(ValueError, match="unknown kind.*tpu.*kinds: cpu, cuda, apple"):
+            hardware.available()
+    finally:
+        hardware.available.cache_clear()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,10 +133,10 @@ def prefect_server(tmp_path):
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "weightsmith", "PWD": str(REPO)}  # fmt: skip
-    logs = (tmp_path / "server.log").open("w"), (tmp_path / "worker.log").open("w")
+    logs = [(tmp_path / f"{name}.log").open("w") for name in ("server", "worker", "apple-worker")]
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=logs[0], stderr=subprocess.STDOUT)  # fmt: skip
-    worker = None
+    worker = apple = None
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -120,7 +147,7 @@ def prefect_server(tmp_path):
                 pass
             assert time.monotonic() < deadline and server.poll() is None, (tmp_path / "server.log").read_text()
             time.sleep(1)
-        for pool in ("cpu", "cuda"):  # a cuda pool with no worker: steps handed to it must time out visibly
+        for pool in ("cpu", "cuda", "apple"):  # a cuda pool with no worker: steps handed to it must time out
             subprocess.run([PREFECT, "work-pool", "create", pool, "--type", "process"], env=env, check=True,
                            capture_output=True)  # fmt: skip
         deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True,
@@ -128,9 +155,14 @@ def prefect_server(tmp_path):
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
         worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--type", "process"], env=env,
                                   cwd=tmp_path, stdout=logs[1], stderr=subprocess.STDOUT)  # fmt: skip
+        # a second worker on this machine plays the Mac: it declares `apple` hardware (its MLX runs on MLX's CPU
+        # backend, and the manifest says so)
+        apple = subprocess.Popen([PREFECT, "worker", "start", "--pool", "apple", "--type", "process"],
+                                 env={**env, "WEIGHTSMITH_HARDWARE": "cpu,apple"}, cwd=tmp_path, stdout=logs[2],
+                                 stderr=subprocess.STDOUT)  # fmt: skip
         yield env
     finally:
-        for process in (worker, server):
+        for process in (worker, apple, server):
             if process is not None:
                 process.terminate()
                 try:
@@ -158,9 +190,19 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     manifest = json.loads((output / "smollm2-135m" / "gguf-f16" / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
 
-    # the hub is unreachable here: convert/qwen runs on a local Qwen2 checkpoint. Its TensorRT engine step is handed
-    # to the cuda pool, where no worker runs: it waits the dispatch timeout, then ends not_run; the rest completes
-    run = run_deployment(env, "convert/qwen", only=["gguf/f16", "tensorrt/fp16"], output=str(output),
+    # routing: the apple pool has a worker online, the cuda pool none
+    probe = "from flows.convert import workers_online as w; print('ONLINE', w('apple'), w('cuda'), w('no-such-pool'))"
+    deadline = time.monotonic() + 120
+    while "ONLINE True" not in (seen := subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO,
+                                                       capture_output=True, text=True).stdout):  # fmt: skip
+        assert time.monotonic() < deadline, f"the apple worker never came online: {seen}"
+        time.sleep(2)
+    assert "ONLINE True False False" in seen
+
+    # the hub is unreachable here: convert/qwen runs on a local Qwen2 checkpoint. MLX prefers apple: its build and
+    # smoke test are handed to the apple worker. The TensorRT engine step needs cuda, where no worker runs: it waits
+    # the dispatch timeout, then ends not_run. GGUF and the TensorRT checkpoint run here, on the cpu worker.
+    run = run_deployment(env, "convert/qwen", only=["gguf/f16", "mlx/q8", "tensorrt/fp16"], output=str(output),
                          source=str(tiny_model("qwen2")), dispatch_timeout=20)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     qwen = output / "qwen2.5-0.5b-instruct"
@@ -168,9 +210,18 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     trt = json.loads((qwen / "tensorrt-fp16" / "manifest.json").read_text())
     assert trt["status"] == "not_run" and "no_cuda_worker" in trt["reason"] and "within 20 s" in trt["reason"]
     assert trt["smoke"]["steps"] == {"prepare": "ok", "build": "not_run", "smoke": "not_run"}
+    mlx = json.loads((qwen / "mlx-q8" / "manifest.json").read_text())
+    assert mlx["status"] == "ok", mlx["reason"]
+    assert "apple" in mlx["built_on"]["kinds"] and "apple" in mlx["validated_on"]["kinds"]
+    assert mlx["smoke"]["runtime"]["backend"] == "cpu"  # what MLX really ran on
     runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10).json()
-    handed = [r for r in runs if r["parameters"].get("target") == "tensorrt/fp16"]
-    assert [r["state_type"] for r in handed] == ["CANCELLED"]  # the engine/cuda run nobody picked up
+    handed = {(r["parameters"].get("target"), r["parameters"].get("step")): (r["work_pool_name"], r["state_type"])
+              for r in runs if "step" in r["parameters"]}  # fmt: skip
+    assert handed == {
+        ("mlx/q8", "build"): ("apple", "COMPLETED"),
+        ("mlx/q8", "smoke"): ("apple", "COMPLETED"),
+        ("tensorrt/fp16", "engine"): ("cuda", "CANCELLED"),  # the step/cuda run nobody picked up
+    }
 
     response = httpx.post(f"{env['PREFECT_API_URL']}/artifacts/filter", json={"artifacts": {"key": {"any_": [
         "convert-smollm2-135m", "convert-qwen2-5-0-5b-instruct"]}}}, timeout=10)  # fmt: skip
