@@ -139,13 +139,17 @@ def workers_online(pool: str) -> bool:
     """Whether a worker of work pool `pool` is online (has sent a heartbeat recently)."""
     from prefect import get_client
     from prefect.client.schemas.objects import WorkerStatus
-    from prefect.exceptions import ObjectNotFound
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
     with get_client(sync_client=True) as client:
         try:
             workers = client.read_workers_for_work_pool(pool)
         except ObjectNotFound:
             return False
+        except PrefectHTTPStatusError as exc:  # the sync client's answer for a pool that does not exist
+            if exc.response.status_code == 404:
+                return False
+            raise
     return any(w.status == WorkerStatus.ONLINE for w in workers)
 
 

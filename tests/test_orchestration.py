@@ -194,16 +194,17 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     probe = "from flows.convert import workers_online as w; print('ONLINE', w('apple'), w('cuda'), w('no-such-pool'))"
     deadline = time.monotonic() + 120
     while "ONLINE True" not in (seen := subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO,
-                                                       capture_output=True, text=True).stdout):  # fmt: skip
-        assert time.monotonic() < deadline, f"the apple worker never came online: {seen}"
+                                                       capture_output=True, text=True)).stdout:  # fmt: skip
+        assert time.monotonic() < deadline, f"the apple worker never came online: {seen.stdout}{seen.stderr}"
         time.sleep(2)
-    assert "ONLINE True False False" in seen
+    assert "ONLINE True False False" in seen.stdout
 
-    # the hub is unreachable here: convert/qwen runs on a local Qwen2 checkpoint. MLX prefers apple: its build and
-    # smoke test are handed to the apple worker. The TensorRT engine step needs cuda, where no worker runs: it waits
-    # the dispatch timeout, then ends not_run. GGUF and the TensorRT checkpoint run here, on the cpu worker.
+    # the hub is unreachable here: convert/qwen runs on a local tiny checkpoint (Llama: the tiny Qwen2 borrows
+    # SmolLM2's tokenizer, which mlx-lm would swap for Qwen2's pre-tokenizer). MLX prefers apple: its build and smoke
+    # test are handed to the apple worker. The TensorRT engine step needs cuda, where no worker runs: it waits the
+    # dispatch timeout, then ends not_run. GGUF and the TensorRT checkpoint run here, on the cpu worker.
     run = run_deployment(env, "convert/qwen", only=["gguf/f16", "mlx/q8", "tensorrt/fp16"], output=str(output),
-                         source=str(tiny_model("qwen2")), dispatch_timeout=20)  # fmt: skip
+                         source=str(tiny_model("llama")), dispatch_timeout=20)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     qwen = output / "qwen2.5-0.5b-instruct"
     assert json.loads((qwen / "gguf-f16" / "manifest.json").read_text())["status"] == "ok"
