@@ -53,9 +53,12 @@ clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache
 
 # A local Prefect server (SQLite under ~/.prefect, loopback only, no telemetry) and a process worker for one
-# hardware pool. `make deploy` registers the deployments of prefect.yaml with it.
+# hardware pool. `make deploy` creates the work pools and the `gpu` concurrency limit and registers the
+# deployments of prefect.yaml.
 PREFECT_PORT ?= 4200
 POOL ?= cpu
+# how many task runs tagged `gpu` (steps that use CUDA) may run at once, across all workers
+GPU_SLOTS ?= 1
 API = PREFECT_API_URL=$${PREFECT_API_URL:-http://127.0.0.1:$(PREFECT_PORT)/api}
 
 server: $(STAMP)
@@ -67,4 +70,5 @@ worker: $(STAMP)
 
 deploy: $(STAMP)
 	for pool in cpu cuda apple; do $(API) $(BIN)/prefect work-pool create $$pool --type process 2>/dev/null || true; done
+	$(API) $(BIN)/prefect concurrency-limit create gpu $(GPU_SLOTS)
 	$(API) $(BIN)/prefect --no-prompt deploy --all
