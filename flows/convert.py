@@ -119,6 +119,11 @@ class Handoff(NamedTuple):
     force: bool
     timeout: int
 
+    def parameters(self, target: Target, step: str) -> dict:
+        """The `step` flow's parameters: where the recipe and the artifact are, never their data."""
+        return {"recipe_path": self.recipe_path, "source": self.source, "output": self.output, "force": self.force,
+                "target": target.key, "step": step}  # fmt: skip
+
 
 def run_step(step: str, recipe: Recipe, info: SourceInfo, target: Target, current: Manifest | None,
              handoff: Handoff) -> Manifest:  # fmt: skip
@@ -164,10 +169,8 @@ def dispatch(step: str, pool: str, recipe: Recipe, info: SourceInfo, target: Tar
 
     final = recipe.output_dir() / target.folder
     code, logger = f"no_{pool}_worker", get_run_logger()
-    params = {**handoff._asdict(), "target": target.key, "step": step}
-    del params["timeout"]
     try:
-        run = run_deployment(f"step/{pool}", parameters=params, timeout=handoff.timeout)
+        run = run_deployment(f"step/{pool}", parameters=handoff.parameters(target, step), timeout=handoff.timeout)
     except ObjectNotFound:
         why = f"no deployment step/{pool} to hand the step to (make deploy registers it)"
         return steps.record_elsewhere(recipe, info, target, step, current, "not_run", code, why)
