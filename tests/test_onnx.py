@@ -130,7 +130,7 @@ def test_smoke_on_standard_export(build, tiny_model):
 
 
 def test_option_errors():
-    with pytest.raises(ValidationError, match="the standard ONNX export is fp32"):
+    with pytest.raises(ValidationError, match="the standard ONNX export is fp32 or fp16"):
         Target(format="onnx", quant="int4", options={"flavour": "standard"})
     with pytest.raises(ValidationError, match="unknown option 'blocksize'"):
         Target(format="onnx", quant="int4", options={"blocksize": 32})

@@ -2,8 +2,10 @@
 
 Two flavours, chosen by the `flavour` option:
 
-- `standard` (fp32): a standard-opset graph with the KV cache as explicit inputs and outputs, exported with torch's
-  exporter (`onnx_export`). This is the graph a plain TensorRT builder takes.
+- `standard` (fp32, fp16): a standard-opset graph with the KV cache as explicit inputs and outputs, exported with
+  torch's exporter (`onnx_export`) in the model's own mixed precision (norms and softmax upcast as transformers
+  computes them). This is the graph a plain TensorRT builder takes; TensorRT builds strongly typed networks (10.12
+  deprecated, 11 removed the FP16 builder flag), so an fp16 engine needs the fp16 graph.
 - `genai` (fp32, fp16, int4): onnxruntime-genai's model builder (`python -m onnxruntime_genai.models.builder`), run
   as a subprocess; its graphs use ORT contrib ops (GroupQueryAttention, MatMulNBits) and the folder carries
   `genai_config.json` and the tokenizer, so `onnxruntime_genai.Model` runs it as it is.
@@ -47,9 +49,12 @@ def flavour(quant: str, options: Options) -> str:
     return ("standard" if quant == "fp32" else "genai") if options.flavour == "auto" else options.flavour
 
 
+STANDARD_QUANTS = ("fp32", "fp16")
+
+
 def check_options(quant: str, options: Options) -> None:
-    if flavour(quant, options) == "standard" and quant != "fp32":
-        raise FormatError(f"the standard ONNX export is fp32 (TensorRT casts it itself); use flavour genai for {quant}")
+    if flavour(quant, options) == "standard" and quant not in STANDARD_QUANTS:
+        raise FormatError(f"the standard ONNX export is fp32 or fp16; use flavour genai for {quant}")
 
 
 def missing_dependency(step: str, target) -> str | None:
@@ -80,7 +85,7 @@ def build(source, target, out_dir: Path, *, name: str, progress=None, calibratio
     options = Options.model_validate(target.options)
     kind = flavour(target.quant, options)
     if kind == "standard":
-        facts = onnx_export.export(source.path, out_dir, source.trust_remote_code)
+        facts = onnx_export.export(source.path, out_dir, source.trust_remote_code, target.quant)
         _copy_tokenizer(source, out_dir)
         return {"flavour": kind, "precision": target.quant, **facts}
     log = _run_genai_builder(source, target.quant, options, out_dir)
@@ -146,20 +151,30 @@ def execution_provider() -> str:
 
 
 class OnnxRuntime:
-    """An ONNX artifact in onnxruntime, driven through pipeline.validate's Runtime interface."""
+    """An ONNX artifact in onnxruntime, driven through pipeline.validate's Runtime interface.
 
-    def __init__(self, path: Path):
-        import onnxruntime
+    `session` replaces onnxruntime's with another runtime of the same graph (a TensorRT engine built from it, see
+    `pipeline.formats.tensorrt_plain`): anything with onnxruntime's `get_inputs()`, `get_outputs()` (objects with
+    `name`, `shape`, `type`) and `run(None, feeds)`, described by `description`."""
 
+    def __init__(self, path: Path, session=None, description: dict[str, Any] | None = None):
         self.path = path
         self.genai = (path / "genai_config.json").is_file()
-        provider = execution_provider()
-        self.session = onnxruntime.InferenceSession(str(path / "model.onnx"), providers=[provider])
+        if session is None:
+            session, description = self._onnxruntime_session()
+        self.session = session
         self.inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.dtype = np.float16 if "float16" in self.inputs[self.past_names[0]].type else np.float32
         self.empty_past = self._empty_past_shape()
-        self.description = {
+        self.description = description
+
+    def _onnxruntime_session(self):
+        import onnxruntime
+
+        provider = execution_provider()
+        session = onnxruntime.InferenceSession(str(self.path / "model.onnx"), providers=[provider])
+        return session, {
             "runtime": f"onnxruntime {onnxruntime.__version__}" + (" + onnxruntime-genai" if self.genai else ""),
             "device": "cuda" if provider.startswith("CUDA") else "cpu",
             "execution_provider": provider,

@@ -28,13 +28,15 @@ def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
 
 
-def export(source_dir: Path, out: Path, trust_remote_code: bool = False) -> dict:
-    """Export the checkpoint in float32 to `out` (model.onnx + model.onnx.data); return the graph's shape facts."""
+def export(source_dir: Path, out: Path, trust_remote_code: bool = False, precision: str = "fp32") -> dict:
+    """Export the checkpoint in `precision` (fp32, fp16) to `out` (model.onnx + model.onnx.data); return the graph's
+    shape facts."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache
 
+    dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
     model = AutoModelForCausalLM.from_pretrained(
-        source_dir, dtype=torch.float32, attn_implementation="eager", trust_remote_code=trust_remote_code
+        source_dir, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code
     ).eval()
     config = model.config
     n_layers, kv_heads = config.num_hidden_layers, config.num_key_value_heads
@@ -59,7 +61,7 @@ def export(source_dir: Path, out: Path, trust_remote_code: bool = False) -> dict
         torch.randint(0, config.vocab_size, (1, seq)),
         torch.ones(1, past_len + seq, dtype=torch.long),
         torch.arange(past_len, past_len + seq)[None],
-        *[torch.zeros(1, kv_heads, past_len, head_dim) for _ in range(2 * n_layers)],
+        *[torch.zeros(1, kv_heads, past_len, head_dim, dtype=dtype) for _ in range(2 * n_layers)],
     )
     dim = torch.export.Dim
     batch, sequence = dim("batch", max=256), dim("sequence_length", max=MAX_CONTEXT)

@@ -9,12 +9,15 @@ Three steps, each with its own status in the manifest (`steps`):
    own weight-only quantizer); `w4a16_gptq` from this recipe's GPTQ artifact (option `gptq_target`).
    The smoke step validates the checkpoint on any machine: it maps the checkpoint back into a transformers model
    (dequantizing) and measures it against the source like every other artifact.
-2. engine build (CUDA worker with TensorRT-LLM 1.2.x, the last line that builds TensorRT engines): see
-   `pipeline.formats.tensorrt_engine`.
-3. engine smoke (same worker): the TensorRT-LLM runtime against the source model on the same GPU.
+2. engine build (CUDA worker): with TensorRT-LLM 1.2.x (the last line that builds TensorRT engines) from this
+   checkpoint, see `pipeline.formats.tensorrt_engine`; with only TensorRT, the plain route from the recipe's fp16
+   standard ONNX export (option `onnx_target`), see `pipeline.formats.tensorrt_plain`.
+3. engine smoke (same worker): the engine against the source model on the same GPU (TensorRT-LLM's runtime, or our
+   ONNX decode loop over a TensorRT execution context).
 
 Where steps 2-3 cannot run the target is `not_run` with a reason code (`no_cuda_device`, `tensorrt_llm_not_installed`,
-`tensorrt_llm_version_mismatch`, ...) after the checkpoint itself has been validated; no engine file is written.
+`tensorrt_not_installed`, `tensorrt_llm_version_mismatch`, `tensorrt_version_mismatch`, ...) after the checkpoint
+itself has been validated; no engine file is written.
 
 Weight-only tensors are stored in TensorRT-LLM's unprocessed layout: `weight` int8 [in, out] (int4: two values a
 byte along `out`, low nibble first, as `pack_int8_tensor_to_packed_int4` packs them) and `per_channel_scale`
@@ -63,7 +66,12 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     gptq_target: str = "gptq/int4"  # w4a16_gptq: the recipe's GPTQ target whose artifact is converted
+    # which engine builder: TensorRT-LLM from the checkpoint, or plain TensorRT from onnx_target's graph; auto takes
+    # TensorRT-LLM where it is installed, else plain TensorRT when onnx_target is set
+    engine_route: Literal["auto", "tensorrt_llm", "onnx"] = "auto"
+    onnx_target: str | None = None  # fp16: the recipe's standard fp16 ONNX target (`onnx/fp16`) for plain TensorRT
     tensorrt_llm: str = "1.2"  # the TensorRT-LLM version (prefix) the engine must be built with
+    tensorrt: str = "10"  # the TensorRT version (prefix) the plain route must build with
     max_batch_size: int = 1
     max_input_len: int = 1024
     max_seq_len: int = 2048
@@ -105,6 +113,12 @@ class CheckpointConfig(BaseModel):
 def check_options(quant: str, options: Options) -> None:
     if options.max_input_len > options.max_seq_len:
         raise FormatError(f"max_input_len {options.max_input_len} exceeds max_seq_len {options.max_seq_len}")
+    if options.onnx_target and quant != "fp16":
+        raise FormatError(f"plain TensorRT builds fp16 engines from the fp16 standard ONNX export; drop onnx_target "
+                          f"for {quant}, whose engine TensorRT-LLM builds")  # fmt: skip
+    if options.engine_route == "onnx" and not options.onnx_target:
+        raise FormatError("engine_route onnx needs onnx_target: the recipe's fp16 standard ONNX target, e.g. "
+                          "onnx/fp16 with options {flavour: standard}")  # fmt: skip
 
 
 def missing_dependency(step: str, target) -> str | None:
@@ -112,8 +126,10 @@ def missing_dependency(step: str, target) -> str | None:
 
 
 def depends_on(target) -> list[str]:
-    """w4a16_gptq is made from the recipe's GPTQ artifact: redo it when that one is redone."""
-    return [Options.model_validate(target.options).gptq_target] if target.quant == "w4a16_gptq" else []
+    """w4a16_gptq is made from the recipe's GPTQ artifact, a plain TensorRT engine from its ONNX artifact: redo the
+    target when that one is redone."""
+    options = Options.model_validate(target.options)
+    return [options.gptq_target] * (target.quant == "w4a16_gptq") + [options.onnx_target] * bool(options.onnx_target)
 
 
 def check(source, target) -> None:
@@ -248,16 +264,34 @@ def unpack_int4(packed):
     return torch.where(values > 7, values - 16, values).to(torch.int8)
 
 
+def recipe_artifact(output_dir: Path, key: str, fmt: str, user: str) -> tuple[Path, dict[str, Any]]:
+    """The folder and manifest of the validated `fmt` artifact this recipe built for target `key`, which `user`
+    is made from."""
+    kind, _, name = key.partition("/")
+    path = output_dir / f"{kind}-{name}"
+    file = path / "manifest.json"
+    manifest = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
+    if kind != fmt or manifest.get("status") != "ok":
+        raise FormatError(f"{user} is made from the {fmt.upper()} artifact of target {key}, which is "
+                          f"{manifest.get('status', 'missing')}: list {key} before this target in the recipe and let "
+                          f"it pass")  # fmt: skip
+    return path, manifest
+
+
+def onnx_artifact(output_dir: Path, key: str) -> Path:
+    """The fp16 standard ONNX artifact the plain TensorRT route builds from."""
+    path, manifest = recipe_artifact(output_dir, key, "onnx", "a plain TensorRT engine")
+    build = manifest.get("build") or {}
+    if (build.get("flavour"), build.get("precision")) != ("standard", "fp16"):
+        raise FormatError(f"{key} is a {build.get('flavour')} {build.get('precision')} ONNX export; plain TensorRT "
+                          f"needs the standard fp16 one: {{format: onnx, quant: fp16, options: {{flavour: "
+                          f"standard}}}}")  # fmt: skip
+    return path
+
+
 def _gptq_artifact(output_dir: Path, key: str) -> dict[str, Any]:
     """The validated GPTQ artifact this recipe built for `key`, with its quantization config."""
-    fmt, _, name = key.partition("/")
-    path = output_dir / f"{fmt}-{name}"
-    manifest = path / "manifest.json"
-    status = json.loads(manifest.read_text(encoding="utf-8")).get("status") if manifest.is_file() else None
-    if fmt != "gptq" or status != "ok":
-        raise FormatError(f"w4a16_gptq converts the GPTQ artifact of target {key}, which is "
-                          f"{'missing' if status is None else status}: list {key} before this target in the recipe "
-                          f"and let it pass")  # fmt: skip
+    path, _ = recipe_artifact(output_dir, key, "gptq", "w4a16_gptq")
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     if config["bits"] != 4:
         raise FormatError(f"{key} is a {config['bits']}-bit GPTQ artifact; w4a16_gptq needs 4 bits")
@@ -337,11 +371,12 @@ def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
 
 
 def engine(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    """Build and smoke-test the engine where a CUDA worker with TensorRT-LLM allows it, else say why not."""
+    """Build and smoke-test the engine where a CUDA worker with TensorRT-LLM or TensorRT allows it, else say why not."""
     from pipeline.formats import tensorrt_engine
 
-    options = Options.model_validate(_recipe_options(artifact_dir))
-    return tensorrt_engine.build_and_smoke(artifact_dir, options, reference, validation)
+    entry = json.loads((artifact_dir / "manifest.json").read_text(encoding="utf-8"))["recipe_entry"]
+    options = Options.model_validate(entry.get("options") or {})
+    return tensorrt_engine.build_and_smoke(artifact_dir, options, entry["quant"], reference, validation)
 
 
 def _transformers_model(folder: Path, reference):
@@ -355,8 +390,3 @@ def _transformers_model(folder: Path, reference):
     if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
         raise ValueError(f"the checkpoint does not map back: missing {missing}, unexpected {unexpected}")
     return model.eval()
-
-
-def _recipe_options(folder: Path) -> dict:
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    return manifest["recipe_entry"].get("options") or {}

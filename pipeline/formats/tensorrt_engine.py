@@ -1,16 +1,18 @@
-"""TensorRT-LLM engine build and smoke test, on a CUDA worker with TensorRT-LLM 1.2.x (the last line with
-`trtllm-build`; 1.4 dropped the TensorRT engine backend for its PyTorch one).
+"""The engine steps of the tensorrt format on a CUDA worker: which builder (`route`), and the TensorRT-LLM one.
 
-Before building: a CUDA device, TensorRT-LLM importable (it needs the NVIDIA driver), its version the one the
-recipe pins, a compute capability TensorRT-LLM builds for. Anything missing gives a reason code and no engine file.
+Routes: TensorRT-LLM 1.2.x (the last line with `trtllm-build`; 1.4 dropped the TensorRT engine backend for its
+PyTorch one) from the prepared checkpoint, or plain TensorRT from the recipe's fp16 standard ONNX export
+(`pipeline.formats.tensorrt_plain`). Before building: a CUDA device, a compute capability TensorRT builds for, the
+route's library importable (TensorRT-LLM needs the NVIDIA driver) in the version the recipe pins. Anything missing
+gives a reason code and no engine file.
 The build applies TensorRT-LLM's own `preprocess_weights_for_mixed_gemm` to weight-only tensors (the prepared
 checkpoint keeps them unprocessed, see `pipeline.formats.tensorrt`), runs `trtllm-build`, and writes the engine and
 `engine.json` (versions, GPU, compute capability, build options, checkpoint and engine hashes) into
-`<artifact>/engine/`. The smoke test refuses an engine built for another GPU or TensorRT-LLM version, then runs
+`<artifact>/engine/`. The smoke test refuses an engine built for another GPU or TensorRT(-LLM) version, then runs
 it with TensorRT-LLM's `ModelRunner` (context logits for the quality figures, greedy generation for the prompts).
 
 Status: this module has not yet run on a GPU in this project's sessions (none was lent so far); on CPU machines
-only `probe` runs, and it is tested.
+only `probe` and `route` run, and they are tested.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ INSTALL = "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvid
 MIN_CAPABILITY = (7, 5)
 
 
-def probe(options) -> tuple[str, str] | None:
-    """(reason code, detail) when the engine steps cannot run here, else None."""
+def probe(options, quant: str = "fp16") -> tuple[str, str] | None:
+    """(reason code, detail) when no engine can be built here, else None."""
     import torch
 
     if not torch.cuda.is_available():
@@ -39,49 +41,95 @@ def probe(options) -> tuple[str, str] | None:
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
         return "compute_capability_unsupported", f"{torch.cuda.get_device_name()} is sm{capability[0]}{capability[1]}"
-    try:
-        import tensorrt_llm
-    except ImportError as exc:
-        return "tensorrt_llm_not_installed", f"{exc}; {INSTALL}"
-    if not tensorrt_llm.__version__.startswith(options.tensorrt_llm):
-        return (
-            "tensorrt_llm_version_mismatch",
-            f"installed {tensorrt_llm.__version__}, recipe pins {options.tensorrt_llm}",
-        )
-    return None
+    chosen = route(options, quant, installed())
+    return chosen if isinstance(chosen, tuple) else None
 
 
-def build_and_smoke(artifact_dir: Path, options, reference, validation) -> dict[str, Any]:
-    if why := probe(options):
+def installed() -> dict[str, str | None]:
+    """The versions of TensorRT-LLM and TensorRT importable here (None: not importable)."""
+    versions: dict[str, str | None] = {}
+    for module in ("tensorrt_llm", "tensorrt"):
+        try:
+            versions[module] = __import__(module).__version__
+        except Exception:  # ImportError, or a library that needs a driver this machine lacks
+            versions[module] = None
+    return versions
+
+
+def route(options, quant: str, versions: dict[str, str | None]) -> str | tuple[str, str]:
+    """The engine builder for this target here, "tensorrt_llm" or "onnx", or (reason code, detail) why none."""
+    from pipeline.formats.tensorrt_plain import INSTALL as INSTALL_TRT
+
+    llm, trt = versions.get("tensorrt_llm"), versions.get("tensorrt")
+    if options.engine_route == "tensorrt_llm" or (options.engine_route == "auto" and (llm or not options.onnx_target)):
+        if not llm:
+            plain = " (or set onnx_target to build fp16 with plain TensorRT)" if quant == "fp16" else ""
+            return "tensorrt_llm_not_installed", f"TensorRT-LLM is not importable here{plain}; {INSTALL}"
+        if not llm.startswith(options.tensorrt_llm):
+            return "tensorrt_llm_version_mismatch", f"installed {llm}, recipe pins {options.tensorrt_llm}"
+        return "tensorrt_llm"
+    if not trt:
+        return "tensorrt_not_installed", f"neither TensorRT-LLM nor TensorRT is importable here; {INSTALL_TRT}"
+    if not trt.startswith(options.tensorrt):
+        return "tensorrt_version_mismatch", f"installed TensorRT {trt}, recipe pins {options.tensorrt}"
+    return "onnx"
+
+
+def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validation) -> dict[str, Any]:
+    from pipeline.formats import FormatError, tensorrt_plain
+    from pipeline.formats.tensorrt import onnx_artifact
+
+    if why := probe(options, quant):
         return engine_not_run(*why)
-    engine_dir = artifact_dir / "engine"
+    engine_dir, here = artifact_dir / "engine", environment()
+    if route(options, quant, installed()) == "tensorrt_llm":
+        build, runtime = lambda: build_engine(artifact_dir, engine_dir, options), lambda: EngineRuntime(engine_dir)
+    else:
+        try:
+            onnx_dir = onnx_artifact(artifact_dir.parent, options.onnx_target)
+        except FormatError as exc:
+            return engine_not_run("onnx_artifact_not_ready", str(exc))
+        if validation.context > options.max_input_len:
+            return engine_not_run("profile_too_small", f"validation context {validation.context} exceeds "
+                                  f"max_input_len {options.max_input_len}: raise max_input_len")  # fmt: skip
+        build = lambda: tensorrt_plain.build_engine(onnx_dir, engine_dir, options, here)  # noqa: E731
+        runtime = lambda: tensorrt_plain.runtime(engine_dir, onnx_dir, here)  # noqa: E731
     try:
-        info = build_engine(artifact_dir, engine_dir, options)
-        build = {"status": "ok", **info}
+        build_info = {"status": "ok", **build()}
     except Exception as exc:  # reported in the manifest; the checkpoint stays valid
         failed = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         return {"build": failed, "smoke": {"status": "not_run", "reason": "engine_build_failed", "detail": str(exc)}}
     try:
         from pipeline.validate import smoke_test
 
-        result = smoke_test(EngineRuntime(engine_dir), reference, validation)
+        result = smoke_test(runtime(), reference, validation)
         smoke = {"status": "ok", "quality": result["quality"], "generation": result["smoke"]["generation"]}
     except Exception as exc:
         smoke = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-    return {"build": build, "smoke": smoke}
+    return {"build": build_info, "smoke": smoke}
 
 
 def environment() -> dict[str, Any]:
-    import tensorrt
-    import tensorrt_llm
+    """This worker's GPU and library versions, as an engine's engine.json records them."""
     import torch
 
     capability = torch.cuda.get_device_capability()
     driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
                             text=True).stdout.strip()  # fmt: skip
-    return {"tensorrt": tensorrt.__version__, "tensorrt_llm": tensorrt_llm.__version__, "cuda_runtime":
-            torch.version.cuda, "driver": driver, "gpu": torch.cuda.get_device_name(),
+    return {**installed(), "cuda_runtime": torch.version.cuda, "driver": driver, "gpu": torch.cuda.get_device_name(),
             "compute_capability": f"{capability[0]}.{capability[1]}"}  # fmt: skip
+
+
+def refuse_foreign_engine(engine_dir: Path, here: dict[str, Any]) -> None:
+    """Raise unless the engine was built for this worker's GPU and the TensorRT(-LLM) version it has: engines are
+    bound to both."""
+    info = json.loads((engine_dir / "engine.json").read_text(encoding="utf-8"))
+    built = info["environment"]
+    keys = ("gpu", "compute_capability", "tensorrt") + (("tensorrt_llm",) if info.get("route") != "onnx" else ())
+    for key in keys:
+        if here.get(key) != built.get(key):
+            raise RuntimeError(f"engine built for {key} {built.get(key)}, this worker has {here.get(key)}: rebuild "
+                               f"it here")  # fmt: skip
 
 
 def build_engine(checkpoint_dir: Path, engine_dir: Path, options) -> dict[str, Any]:
@@ -107,6 +155,7 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, options) -> dict[str, A
         subprocess.run(["trtllm-build", "--checkpoint_dir", processed, "--output_dir", staged, *map(str, flags)],
                        check=True)  # fmt: skip
         info = {
+            "route": "tensorrt_llm",
             "environment": environment(),
             "build_options": options.model_dump(),
             "dtype": config["dtype"],
@@ -147,12 +196,10 @@ class EngineRuntime:
     """A built engine through TensorRT-LLM's ModelRunner, behind pipeline.validate's Runtime interface."""
 
     def __init__(self, engine_dir: Path):
-        info = json.loads((engine_dir / "engine.json").read_text(encoding="utf-8"))
-        here, built = environment(), info["environment"]
-        for key in ("gpu", "compute_capability", "tensorrt", "tensorrt_llm"):
-            if here[key] != built[key]:
-                raise RuntimeError(f"engine built for {key} {built[key]}, this worker has {here[key]}: rebuild it here")
         from tensorrt_llm.runtime import ModelRunner
+
+        here = environment()
+        refuse_foreign_engine(engine_dir, here)
 
         self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir), rank=0)
         self.description = {"runtime": f"tensorrt-llm {here['tensorrt_llm']}", "device": here["gpu"], **here}
