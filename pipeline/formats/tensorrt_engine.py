@@ -64,6 +64,8 @@ def route(options, quant: str, versions: dict[str, str | None]) -> str | tuple[s
     if options.engine_route == "tensorrt_llm" or (options.engine_route == "auto" and (llm or not options.onnx_target)):
         if not llm:
             plain = " (or set onnx_target to build fp16 with plain TensorRT)" if quant == "fp16" else ""
+            if options.onnx_target:
+                plain = f" (or set engine_route auto to build with plain TensorRT from {options.onnx_target})"
             return "tensorrt_llm_not_installed", f"TensorRT-LLM is not importable here{plain}; {INSTALL}"
         if not llm.startswith(options.tensorrt_llm):
             return "tensorrt_llm_version_mismatch", f"installed {llm}, recipe pins {options.tensorrt_llm}"
