@@ -43,11 +43,13 @@ log = logging.getLogger("weightsmith")
 
 
 def synced(step):
-    """Run `step(recipe, source, target, ...)` on the target's artifact pulled from the recipe's output storage, and
-    push what it leaves (a no-op for a plain folder output; see pipeline.storage)."""
+    """Run `step(recipe, source, target, ...)` on the target's artifact pulled from the recipe's output storage, with
+    the artifacts it is made from, and push what it leaves (a no-op for a plain folder output; see pipeline.storage)."""
 
     @functools.wraps(step)
     def run(recipe: Recipe, source: SourceInfo, target: Target, *args, **kwargs) -> Manifest:
+        for key in depends_on(target):  # e.g. the ONNX graph a plain TensorRT engine is built from, on another worker
+            storage.pull(recipe.output, recipe.name, key.replace("/", "-", 1))
         storage.pull(recipe.output, recipe.name, target.folder)
         result = step(recipe, source, target, *args, **kwargs)
         storage.push(recipe.output, recipe.name, target.folder)

@@ -68,3 +68,25 @@ def test_an_output_url_without_its_storage_backend_is_a_recipe_error(tiny_llama,
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(RecipeError, match=r"recipe.yaml:\d+: output: no storage backend for nosuchscheme://"):
         load_recipe(path)
+
+
+def test_a_step_on_another_machine_pulls_the_artifacts_its_target_is_made_from(tiny_llama, tmp_path, monkeypatch):
+    """w4a16_gptq is made from the GPTQ artifact: a worker whose mirror is empty must fetch that one too."""
+    from pipeline.convert import build_target, prepare, validate_target
+    from pipeline.recipe import load_recipe
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
+    path = write_recipe(tmp_path, tiny_llama, [("gptq", "int4"), ("tensorrt", "w4a16_gptq")])
+    data = yaml.safe_load(path.read_text())
+    data["output"] = f"file://{tmp_path / 'store'}"
+    data["targets"][0]["options"] = {"group_size": 32}
+    data["calibration"] = {"samples": 4, "seq_len": 64}
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    source = prepare(recipe)
+    gptq, tensorrt = recipe.targets
+    assert validate_target(recipe, source, gptq, build_target(recipe, source, gptq)).status == "ok"
+    shutil.rmtree(recipe.output_dir())  # the worker that builds the TensorRT checkpoint has nothing local
+    built = build_target(recipe, source, tensorrt)
+    assert built.status == "built", built.reason
+    assert (recipe.output_dir() / "gptq-int4" / "model.safetensors").is_file()
