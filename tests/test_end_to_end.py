@@ -62,6 +62,10 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     assert "Paris" in manifests["onnx/fp32"]["smoke"]["generation"]["cases"][0]["text"]
     assert manifests["onnx/fp32"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
     assert manifests["onnx/int4"]["smoke"]["runtime"]["flavour"] == "genai"
+    assert manifests["onnx/fp16"]["build"] == {**manifests["onnx/fp16"]["build"], "flavour": "standard",
+                                               "precision": "fp16"}  # fmt: skip
+    assert manifests["onnx/fp16"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=2e-3)
+    assert "Paris" in manifests["onnx/fp16"]["smoke"]["generation"]["cases"][0]["text"]
     assert "Paris" in manifests["mlx/q8"]["smoke"]["generation"]["cases"][0]["text"]
     assert manifests["mlx/q8"]["smoke"]["runtime"]["backend"] == "cpu"  # mlx[cpu] on this Linux machine
     assert manifests["mlx/q4"]["build"]["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"}
