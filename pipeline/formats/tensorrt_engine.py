@@ -211,7 +211,8 @@ class EngineRuntime:
 
         return self.runner.generate([torch.tensor(ids, dtype=torch.int32)], max_new_tokens=max_new_tokens,
                                     end_id=end_id, pad_id=end_id, temperature=1.0, top_k=1,
-                                    output_generation_logits=False, return_dict=True)  # fmt: skip
+                                    output_generation_logits=False, output_sequence_lengths=True,
+                                    return_dict=True)  # fmt: skip
 
     def logits(self, ids: list[int]) -> np.ndarray:
         out = self._generate(ids, 1, -1)
