@@ -227,3 +227,22 @@ def test_tensorrt_calls_match_tensorrts_own_stubs(tmp_path, monkeypatch):
                      "    c.execute_async_v4(0)\n    c.set_optimization_profile_async(1)\n")  # fmt: skip
     assert len(errors(wrong)) == 2  # the check does see a call TensorRT does not have
     assert errors(tensorrt_plain.__file__) == []
+
+
+@pytest.mark.parametrize("route", ["tensorrt_llm", "onnx"])
+def test_an_engine_from_another_gpu_or_version_is_refused_naming_both(tmp_path, route):
+    built = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.3.9",
+             "tensorrt_llm": "1.2.1" if route == "tensorrt_llm" else None, "driver": "580.65"}  # fmt: skip
+    (tmp_path / "engine.json").write_text(json.dumps({"route": route, "environment": built}))
+    tensorrt_engine.refuse_foreign_engine(tmp_path, {**built, "driver": "590.1"})  # the driver may differ
+    other_gpu = {**built, "gpu": "NVIDIA L4", "compute_capability": "8.9"}
+    with pytest.raises(RuntimeError, match="built for gpu NVIDIA H100 80GB HBM3, this worker has NVIDIA L4"):
+        tensorrt_engine.refuse_foreign_engine(tmp_path, other_gpu)
+    with pytest.raises(RuntimeError, match="built for tensorrt 10.13.3.9, this worker has 10.14.1"):
+        tensorrt_engine.refuse_foreign_engine(tmp_path, {**built, "tensorrt": "10.14.1"})
+    newer_llm = {**built, "tensorrt_llm": "1.2.2"}
+    if route == "tensorrt_llm":
+        with pytest.raises(RuntimeError, match="built for tensorrt_llm 1.2.1, this worker has 1.2.2"):
+            tensorrt_engine.refuse_foreign_engine(tmp_path, newer_llm)
+    else:  # a plain TensorRT engine does not care about TensorRT-LLM
+        tensorrt_engine.refuse_foreign_engine(tmp_path, newer_llm)
