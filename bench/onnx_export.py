@@ -33,7 +33,12 @@ source = inspect_checkpoint(Path(sys.argv[1]))
 onnx.build(source, Target(format="onnx", quant=sys.argv[2], options=json.loads(sys.argv[3])), Path(sys.argv[4]),
            name="bench")
 """
-FLAVOURS = [("standard", "fp32", {}), ("genai", "fp32", {"flavour": "genai"}), ("genai", "int4", {"block_size": 32})]
+FLAVOURS = [
+    ("standard", "fp32", {}),
+    ("standard", "fp16", {"flavour": "standard"}),
+    ("genai", "fp32", {"flavour": "genai"}),
+    ("genai", "int4", {"block_size": 32}),
+]
 PROMPT = "Write one sentence about the sea."
 
 
