@@ -34,7 +34,7 @@ from pipeline.artifacts import (
 )
 from pipeline.formats import FORMATS, engine_not_run
 from pipeline.handoff import write_handoff
-from pipeline.recipe import Recipe, Target
+from pipeline.recipe import Recipe, Target, folder_of
 from pipeline.report import write_report
 from pipeline.source import SourceInfo, resolve_source
 from pipeline.validate import judge, reference
@@ -49,7 +49,7 @@ def synced(step):
     @functools.wraps(step)
     def run(recipe: Recipe, source: SourceInfo, target: Target, *args, **kwargs) -> Manifest:
         for key in depends_on(target):  # e.g. the ONNX graph a plain TensorRT engine is built from, on another worker
-            storage.pull(recipe.output, recipe.name, key.replace("/", "-", 1))
+            storage.pull(recipe.output, recipe.name, folder_of(key))
         storage.pull(recipe.output, recipe.name, target.folder)
         result = step(recipe, source, target, *args, **kwargs)
         storage.push(recipe.output, recipe.name, target.folder)

@@ -35,6 +35,11 @@ class SourceSpec(_Strict):
     revision: str | None = None
 
 
+def folder_of(key: str) -> str:
+    """The artifact folder of the target named `key` (`gguf/q8_0` -> `gguf-q8_0`)."""
+    return key.replace("/", "-", 1)
+
+
 class Target(_Strict):
     format: str
     quant: str
@@ -49,7 +54,7 @@ class Target(_Strict):
     @property
     def folder(self) -> str:
         """The artifact folder's name: `gguf-q8_0`."""
-        return f"{self.format}-{self.name or self.quant}"
+        return folder_of(self.key)
 
     @field_validator("format")
     @classmethod

@@ -172,6 +172,8 @@ def test_probe_names_what_is_missing(monkeypatch):
     fake.__version__ = "1.4.0"
     monkeypatch.setitem(sys.modules, "tensorrt_llm", fake)
     assert tensorrt_engine.probe(options) == ("tensorrt_llm_version_mismatch", "installed 1.4.0, recipe pins 1.2")
+    fake.__version__ = "1.2.1"
+    assert tensorrt_engine.probe(options) == "tensorrt_llm"  # the builder to use
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (6, 1))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda: "Tesla P4")
     assert tensorrt_engine.probe(options)[0] == "compute_capability_unsupported"

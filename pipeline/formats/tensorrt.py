@@ -267,8 +267,9 @@ def unpack_int4(packed):
 def recipe_artifact(output_dir: Path, key: str, fmt: str, user: str) -> tuple[Path, dict[str, Any]]:
     """The folder and manifest of the validated `fmt` artifact this recipe built for target `key`, which `user`
     is made from."""
-    kind, _, name = key.partition("/")
-    path = output_dir / f"{kind}-{name}"
+    from pipeline.recipe import folder_of
+
+    kind, path = key.partition("/")[0], output_dir / folder_of(key)
     file = path / "manifest.json"
     manifest = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
     if kind != fmt or manifest.get("status") != "ok":

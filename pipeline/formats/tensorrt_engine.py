@@ -21,6 +21,7 @@ import json
 import shutil
 import subprocess
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,8 @@ INSTALL = "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvid
 MIN_CAPABILITY = (7, 5)
 
 
-def probe(options, quant: str = "fp16") -> tuple[str, str] | None:
-    """(reason code, detail) when no engine can be built here, else None."""
+def probe(options, quant: str = "fp16") -> str | tuple[str, str]:
+    """The engine builder to use here (see `route`), or (reason code, detail) why no engine can be built here."""
     import torch
 
     if not torch.cuda.is_available():
@@ -41,8 +42,7 @@ def probe(options, quant: str = "fp16") -> tuple[str, str] | None:
     capability = torch.cuda.get_device_capability()
     if capability < MIN_CAPABILITY:
         return "compute_capability_unsupported", f"{torch.cuda.get_device_name()} is sm{capability[0]}{capability[1]}"
-    chosen = route(options, quant, installed())
-    return chosen if isinstance(chosen, tuple) else None
+    return route(options, quant, installed())
 
 
 def installed() -> dict[str, str | None]:
@@ -81,11 +81,12 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
     from pipeline.formats import FormatError, tensorrt_plain
     from pipeline.formats.tensorrt import onnx_artifact
 
-    if why := probe(options, quant):
-        return engine_not_run(*why)
+    chosen = probe(options, quant)
+    if isinstance(chosen, tuple):
+        return engine_not_run(*chosen)
     engine_dir, here = artifact_dir / "engine", environment()
-    if route(options, quant, installed()) == "tensorrt_llm":
-        build, runtime = lambda: build_engine(artifact_dir, engine_dir, options), lambda: EngineRuntime(engine_dir)
+    if chosen == "tensorrt_llm":
+        build, runtime = partial(build_engine, artifact_dir, engine_dir, options), partial(EngineRuntime, engine_dir)
     else:
         try:
             onnx_dir = onnx_artifact(artifact_dir.parent, options.onnx_target)
@@ -94,8 +95,8 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
         if validation.context > options.max_input_len:
             return engine_not_run("profile_too_small", f"validation context {validation.context} exceeds "
                                   f"max_input_len {options.max_input_len}: raise max_input_len")  # fmt: skip
-        build = lambda: tensorrt_plain.build_engine(onnx_dir, engine_dir, options, here)  # noqa: E731
-        runtime = lambda: tensorrt_plain.runtime(engine_dir, onnx_dir, here)  # noqa: E731
+        build = partial(tensorrt_plain.build_engine, onnx_dir, engine_dir, options, here)
+        runtime = partial(tensorrt_plain.runtime, engine_dir, onnx_dir, here)
     try:
         build_info = {"status": "ok", **build()}
     except Exception as exc:  # reported in the manifest; the checkpoint stays valid
