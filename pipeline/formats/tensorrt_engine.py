@@ -86,7 +86,8 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
         return engine_not_run(*chosen)
     engine_dir, here = artifact_dir / "engine", environment()
     if chosen == "tensorrt_llm":
-        build, runtime = partial(build_engine, artifact_dir, engine_dir, options), partial(EngineRuntime, engine_dir)
+        build = partial(build_engine, artifact_dir, engine_dir, options, here)
+        runtime = partial(EngineRuntime, engine_dir, here)
     else:
         try:
             onnx_dir = onnx_artifact(artifact_dir.parent, options.onnx_target)
@@ -135,7 +136,7 @@ def refuse_foreign_engine(engine_dir: Path, here: dict[str, Any]) -> None:
                                f"it here")  # fmt: skip
 
 
-def build_engine(checkpoint_dir: Path, engine_dir: Path, options) -> dict[str, Any]:
+def build_engine(checkpoint_dir: Path, engine_dir: Path, options, here: dict[str, Any]) -> dict[str, Any]:
     from pipeline.artifacts import list_files
     from pipeline.source import file_sha256
 
@@ -159,7 +160,7 @@ def build_engine(checkpoint_dir: Path, engine_dir: Path, options) -> dict[str, A
                        check=True)  # fmt: skip
         info = {
             "route": "tensorrt_llm",
-            "environment": environment(),
+            "environment": here,
             "build_options": options.model_dump(),
             "dtype": config["dtype"],
             "quant_algo": config["quantization"]["quant_algo"],
@@ -198,10 +199,10 @@ def _preprocess(source: Path, target: Path, config: dict) -> None:
 class EngineRuntime:
     """A built engine through TensorRT-LLM's ModelRunner, behind pipeline.validate's Runtime interface."""
 
-    def __init__(self, engine_dir: Path):
+    def __init__(self, engine_dir: Path, here: dict[str, Any]):
+        """`here`: this worker's `environment()`."""
         from tensorrt_llm.runtime import ModelRunner
 
-        here = environment()
         refuse_foreign_engine(engine_dir, here)
 
         self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir), rank=0)
