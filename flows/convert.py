@@ -1,10 +1,11 @@
-"""The `convert` Prefect flow: one recipe in, every artifact built and validated.
+"""The `convert` Prefect flow: one recipe in, every artifact built, validated and published.
 
-One task resolves the source (retried on transient network errors only), then each target gets a build task and a
-validate task (and an engine task for TensorRT-LLM). The steps themselves are the library's (`pipeline.convert`);
-this module only adds Prefect: task names, retries, hardware routing, a table artifact with the results, and a
-failed flow run when any target fails. It runs without a Prefect server (ephemeral mode) as well as under a
-deployment. Under a deployment, a step whose preferred hardware this machine lacks becomes a flow run of the
+The plan and its steps are the library's (`pipeline.plan`, `pipeline.convert`): one task resolves the source
+(retried on transient network errors only), then every step of the plan runs as a task (`build gguf/q8_0`,
+`validate gguf/q8_0`, `publish gguf/q8_0`, ...), through `pipeline.convert.execute`, exactly as the CLI runs it
+without Prefect. This module only adds Prefect: task names, retries, hardware routing, a table artifact with the
+results, and a failed flow run when any target fails. It runs without a Prefect server (ephemeral mode) as well as
+under a deployment. Under a deployment, a step whose preferred hardware this machine lacks becomes a flow run of the
 `step/<pool>` deployment on that hardware's work pool (see `hardware.route` and `flows/step.py`).
 """
 
@@ -19,14 +20,14 @@ from prefect.runtime import deployment, flow_run
 
 from pipeline import convert as steps
 from pipeline import hardware, storage
-from pipeline.artifacts import Manifest, now, read_manifest
-from pipeline.formats import FORMATS
-from pipeline.recipe import Recipe, Target, load_recipe
-from pipeline.source import SourceError, SourceInfo
+from pipeline.artifacts import candidate_dir, read_manifest
+from pipeline.plan import Plan, PlannedStep, make_plan
+from pipeline.recipe import Recipe, load_recipe
+from pipeline.types import Manifest, SourceError, SourceInfo, Status, Step, now
 
 
 class TargetsFailed(RuntimeError):
-    """At least one target failed its build, smoke test or budget; the summary says which and why."""
+    """At least one target failed its build, validation or budget; the summary says which and why."""
 
 
 def _transient(task, task_run, state) -> bool:
@@ -40,22 +41,10 @@ def resolve_source(recipe: Recipe) -> SourceInfo:
     return steps.prepare(recipe)
 
 
-@task(name="build", task_run_name="build {target.format}/{target.quant}", cache_policy=NO_CACHE)
-def build(recipe: Recipe, source: SourceInfo, target: Target, force: bool = False) -> Manifest:
-    return steps.build_target(recipe, source, target, force)
-
-
-@task(name="validate", task_run_name="validate {target.format}/{target.quant}", cache_policy=NO_CACHE)
-def validate(recipe: Recipe, source: SourceInfo, target: Target, built: Manifest) -> Manifest:
-    return steps.validate_target(recipe, source, target, built)
-
-
-@task(name="engine", task_run_name="engine {target.format}/{target.quant}", cache_policy=NO_CACHE)
-def engine(recipe: Recipe, source: SourceInfo, target: Target, validated: Manifest) -> Manifest:
-    return steps.engine_target(recipe, source, target, validated)
-
-
-TASKS = {"build": build, "smoke": validate, "engine": engine}  # keyed like each format's HARDWARE
+@task(name="step", task_run_name="{step}", cache_policy=NO_CACHE)
+def step_task(recipe: Recipe, source: SourceInfo, plan: Plan, step: PlannedStep, current: Manifest | None,
+              inputs: dict[str, Manifest], force: bool) -> Manifest:  # fmt: skip
+    return steps.run_step(recipe, source, plan, step, current, inputs, force)
 
 
 def _run_name() -> str:
@@ -66,11 +55,10 @@ def _run_name() -> str:
         return f"convert {path}"
 
 
-def hardware_tags(target: Target, step: str) -> list[str]:
+def hardware_tags(step: PlannedStep) -> list[str]:
     """`gpu` for a step that will use this machine's CUDA device: a Prefect tag concurrency limit on `gpu`
     (`prefect concurrency-limit create gpu 1`) then keeps one GPU from being oversubscribed."""
-    wanted = FORMATS[target.format].HARDWARE[step]
-    return ["gpu"] if "cuda" in wanted and "cuda" in hardware.available() else []
+    return ["gpu"] if "cuda" in step.hardware and "cuda" in hardware.available() else []
 
 
 @flow(name="convert", flow_run_name=_run_name, log_prints=True)
@@ -83,28 +71,17 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     recipe = load_recipe(recipe_path).select(only).with_source(source)
     if output:
         recipe = recipe.model_copy(update={"output": output})
+    plan = make_plan(recipe)
     info = resolve_source(recipe)
     handoff = Handoff(recipe_path, source, output, force, dispatch_timeout or recipe.dispatch_timeout_s)
-    manifests = []
-    for t in recipe.targets:
-        current = run_step("build", recipe, info, t, None, handoff)
-        if current.status == "built":
-            current = run_step("smoke", recipe, info, t, current, handoff)
-        if steps.has_engine(t) and current.status == "ok" and not current.resumed:
-            current = run_step("engine", recipe, info, t, current, handoff)
-        manifests.append(current)
+    manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current, inputs,
+                                                                            handoff))  # fmt: skip
     summary = steps.summarize(recipe, info, manifests, started)
     publish(summary)
-    counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in ("ok", "failed", "not_run")}
-    get_run_logger().info(
-        "%s: %d ok, %d failed, %d not run; summary in %s",
-        recipe.name,
-        counts["ok"],
-        counts["failed"],
-        counts["not_run"],
-        recipe.output_dir(),
-    )
-    failed = [row["target"] for row in summary["targets"] if row["status"] == "failed"]
+    counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in Status}
+    get_run_logger().info("%s: %s; summary in %s", recipe.name,
+                          ", ".join(f"{n} {s}" for s, n in counts.items() if n), recipe.output_dir())  # fmt: skip
+    failed = [row["target"] for row in summary["targets"] if row["status"] == Status.FAILED]
     if failed:
         raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})")
     return summary
@@ -119,25 +96,23 @@ class Handoff(NamedTuple):
     force: bool
     timeout: int
 
-    def parameters(self, target: Target, step: str) -> dict:
+    def parameters(self, target: str, step: Step) -> dict:
         """The `step` flow's parameters: where the recipe and the artifact are, never their data."""
         return {"recipe_path": self.recipe_path, "source": self.source, "output": self.output, "force": self.force,
-                "target": target.key, "step": step}  # fmt: skip
+                "target": target, "step": step.value}  # fmt: skip
 
 
-def run_step(step: str, recipe: Recipe, info: SourceInfo, target: Target, current: Manifest | None,
-             handoff: Handoff) -> Manifest:  # fmt: skip
-    """`step` ("build", "smoke" or "engine") of `target` as a task here, or as a flow run on the hardware pool that
-    `hardware.route` chooses (under a deployment only: outside one every step runs here, and one that cannot
-    reports not_run)."""
+def run_step(recipe: Recipe, info: SourceInfo, plan: Plan, step: PlannedStep, current: Manifest | None,
+             inputs: dict[str, Manifest], handoff: Handoff) -> Manifest:  # fmt: skip
+    """One step of the plan as a task here, or as a flow run on the hardware pool that `hardware.route` chooses
+    (under a deployment only: outside one every step runs here, and one that cannot reports not_run)."""
     pool = None
-    if deployment.id is not None:
-        wanted = FORMATS[target.format].HARDWARE[step]
-        pool = hardware.route(wanted, hardware.available(), recipe.hardware_fallback, workers_online)
+    if deployment.id is not None and step.step != Step.PUBLISH:
+        pool = hardware.route(step.hardware, hardware.available(), recipe.hardware_fallback, workers_online)
     if pool is None:
-        task = TASKS[step].with_options(tags=hardware_tags(target, step))
-        return task(recipe, info, target, handoff.force) if step == "build" else task(recipe, info, target, current)
-    return dispatch(step, pool, recipe, info, target, current, handoff)
+        task = step_task.with_options(tags=hardware_tags(step))
+        return task(recipe, info, plan, step, current, inputs, handoff.force)
+    return dispatch(pool, recipe, info, plan, step, current, handoff)
 
 
 def workers_online(pool: str) -> bool:
@@ -158,7 +133,7 @@ def workers_online(pool: str) -> bool:
     return any(w.status == WorkerStatus.ONLINE for w in workers)
 
 
-def dispatch(step: str, pool: str, recipe: Recipe, info: SourceInfo, target: Target, current: Manifest | None,
+def dispatch(pool: str, recipe: Recipe, info: SourceInfo, plan: Plan, step: PlannedStep, current: Manifest | None,
              handoff: Handoff) -> Manifest:  # fmt: skip
     """Run `step` as a flow run of `step/<pool>` on that hardware's pool, passing where the recipe and artifact are
     (shared storage), not their data; record not_run when no worker there finishes it within the timeout."""
@@ -167,28 +142,41 @@ def dispatch(step: str, pool: str, recipe: Recipe, info: SourceInfo, target: Tar
     from prefect.exceptions import ObjectNotFound
     from prefect.states import Cancelled
 
-    final = recipe.output_dir() / target.folder
+    fmt, target = plan.formats[step.key], step.target
     code, logger = f"no_{pool}_worker", get_run_logger()
+
+    def elsewhere(status: Status, code: str, why: str) -> Manifest:
+        return steps.not_run_elsewhere(recipe, info, fmt, step.step, current, status, code, why,
+                                       plan.inputs(info, step.key))  # fmt: skip
+
     try:
-        run = run_deployment(f"step/{pool}", parameters=handoff.parameters(target, step), timeout=handoff.timeout)
+        run = run_deployment(f"step/{pool}", parameters=handoff.parameters(target.key, step.step),
+                             timeout=handoff.timeout)  # fmt: skip
     except ObjectNotFound:
-        why = f"no deployment step/{pool} to hand the step to (make deploy registers it)"
-        return steps.record_elsewhere(recipe, info, target, step, current, "not_run", code, why)
+        return elsewhere(
+            Status.NOT_RUN, code, f"no deployment step/{pool} to hand the step to (make deploy registers it)"
+        )
     if run.state is None or not run.state.is_final():
         logger.warning("%s: no %s worker ran flow run %s within %d s; cancelling it", target.key, pool, run.name,
                        handoff.timeout)  # fmt: skip
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(run.id, Cancelled(message="no worker within the dispatch timeout"), force=True)
-        why = f"no worker of pool {pool} ran step/{pool} (flow run {run.name}) within {handoff.timeout} s"
-        return steps.record_elsewhere(recipe, info, target, step, current, "not_run", code, why)
-    logger.info("%s: %s ran as flow run %s on pool %s: %s", target.key, step, run.name, pool, run.state.name)
-    storage.pull(recipe.output, recipe.name, target.folder)
-    done = read_manifest(final)
+        return elsewhere(Status.NOT_RUN, code, f"no worker of pool {pool} ran step/{pool} (flow run {run.name}) "
+                                               f"within {handoff.timeout} s")  # fmt: skip
+    logger.info("%s: %s ran as flow run %s on pool %s: %s", target.key, step.step, run.name, pool, run.state.name)
+    final = steps.published(recipe, target.key)
+    candidate = candidate_dir(final)
+    for folder in (final, candidate):
+        storage.pull(recipe.output, recipe.name, folder.name)
+    done = read_manifest(candidate) or read_manifest(final)
     if not run.state.is_completed() or done is None:
-        why = f"flow run {run.name} on pool {pool} ended {run.state.name}: {run.state.message}"
-        return steps.record_elsewhere(recipe, info, target, step, current, "failed", f"{step}_on_{pool}", why)
-    # a fresh build leaves `built`; `ok` after a build step means the worker found the artifact up to date
-    return done.model_copy(update={"resumed": step == "build" and done.status == "ok"})
+        return elsewhere(
+            Status.FAILED,
+            f"{step.step}_on_{pool}",
+            f"flow run {run.name} on pool {pool} ended {run.state.name}: {run.state.message}",
+        )
+    # a build step that leaves no candidate but an `ok` published artifact found it up to date
+    return done.model_copy(update={"resumed": step.step == Step.BUILD and read_manifest(candidate) is None})
 
 
 def publish(summary: dict) -> None:

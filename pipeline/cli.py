@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from pipeline.recipe import RecipeError, SourceSpec, load_recipe
-from pipeline.source import SourceError
+from pipeline.recipe import RecipeError, load_recipe
+from pipeline.types import SourceError, SourceSpec
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry heartbeat from the ephemeral server

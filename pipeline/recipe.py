@@ -11,119 +11,54 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator
 
-from pipeline import formats, storage
-from pipeline.formats import FormatError
-
-BUILTIN_CORPUS = "builtin:corpus"
-DEFAULT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
+from pipeline import storage
+from pipeline.formats import FORMATS
+from pipeline.formats.base import Format
+from pipeline.types import Budget, Calibration, FormatError, SourceSpec, Strict, Target, Validation
 
 
 class RecipeError(ValueError):
     """A recipe that cannot be used; `str()` is one line per problem, each naming file, line and key."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SourceSpec(_Strict):
-    """Where the checkpoint comes from: `bundled:NAME`, a local folder, or a hub id (with an optional revision)."""
-
-    id: str = Field(min_length=1)
-    revision: str | None = None
-
-
-def folder_of(key: str) -> str:
-    """The artifact folder of the target named `key` (`gguf/q8_0` -> `gguf-q8_0`)."""
-    return key.replace("/", "-", 1)
-
-
-class Target(_Strict):
-    format: str
-    quant: str
-    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # tells apart two of one quant
-    options: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def key(self) -> str:
-        """The target's name in budgets, logs and summaries: `gguf/q8_0`."""
-        return f"{self.format}/{self.name or self.quant}"
-
-    @property
-    def folder(self) -> str:
-        """The artifact folder's name: `gguf-q8_0`."""
-        return folder_of(self.key)
+class RecipeTarget(Target):
+    """A target as a recipe lists it: its format, quant and options checked against the format registry."""
 
     @field_validator("format")
     @classmethod
     def _known_format(cls, value: str) -> str:
-        if value not in formats.FORMATS:
-            raise ValueError(f"unknown format {value!r} (supported: {', '.join(sorted(formats.FORMATS))})")
+        if value not in FORMATS:
+            raise ValueError(f"unknown format {value!r} (supported: {', '.join(sorted(FORMATS))})")
         return value
 
     @field_validator("quant")
     @classmethod
     def _known_quant(cls, value: str, info: ValidationInfo) -> str:
-        fmt = info.data.get("format")
-        if fmt in formats.FORMATS and value not in formats.FORMATS[fmt].QUANTS:
-            raise ValueError(f"{fmt} has no quant {value!r} (supported: {', '.join(formats.FORMATS[fmt].QUANTS)})")
+        fmt = FORMATS.get(info.data.get("format"))
+        if fmt is not None and value not in fmt.quants:
+            raise ValueError(f"{fmt.name} has no quant {value!r} (supported: {', '.join(fmt.quants)})")
         return value
 
     @field_validator("options")
     @classmethod
     def _known_options(cls, value: dict, info: ValidationInfo) -> dict:
-        fmt = formats.FORMATS.get(info.data.get("format"))
-        if fmt is None:
-            return value
-        try:
-            fmt.check_options(info.data.get("quant"), fmt.Options.model_validate(value))
-        except FormatError as exc:
-            raise ValueError(str(exc)) from None
-        except ValidationError as exc:
-            problems = []
-            for err in exc.errors():
-                key = ".".join(str(p) for p in err["loc"])
-                if err["type"] == "extra_forbidden":
-                    problems.append(f"unknown option {key!r} (options: {', '.join(fmt.Options.model_fields)})")
-                else:
-                    problems.append(f"option {key!r}: {err['msg']}")
-            raise ValueError("; ".join(problems)) from None
+        fmt = FORMATS.get(info.data.get("format"))
+        if fmt is not None and info.data.get("quant") in fmt.quants:
+            try:
+                fmt.parse_options(info.data["quant"], value)
+            except FormatError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
 
-class Calibration(_Strict):
-    text: str = BUILTIN_CORPUS
-    samples: int = Field(default=32, ge=1)
-    seq_len: int = Field(default=512, ge=16)
-    seed: int = 0
-
-
-class Budget(_Strict):
-    """Quality limits for one target; a measured figure outside any of them fails the target."""
-
-    max_ppl_ratio: float | None = Field(default=None, ge=1.0)
-    min_top1: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_kl_mean: float | None = Field(default=None, ge=0.0)
-    exact_tokenizer: bool = True  # the artifact's own tokenizer must give the source's ids on the probe text
-
-
-class Validation(_Strict):
-    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
-    held_out: str = BUILTIN_CORPUS
-    eval_tokens: int = Field(default=2048, ge=32)
-    context: int = Field(default=512, ge=16)
-    max_new_tokens: int = Field(default=24, ge=1)
-    budgets: dict[str, Budget] = Field(default_factory=dict)
-
-
-class Recipe(_Strict):
+class Recipe(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     source: SourceSpec
     # precision the source model runs in as the validation reference (auto: as stored; float32 suits CPUs)
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "float32"
-    targets: list[Target] = Field(min_length=1)
+    targets: list[RecipeTarget] = Field(min_length=1)
     calibration: Calibration = Field(default_factory=Calibration)
     validation: Validation = Field(default_factory=Validation)
     output: str = "artifacts"  # a folder (shared by every worker under deployments), or an fsspec URL: s3://bucket/dir
@@ -143,11 +78,16 @@ class Recipe(_Strict):
 
     @field_validator("targets")
     @classmethod
-    def _targets_unique(cls, targets: list[Target]) -> list[Target]:
+    def _targets_consistent(cls, targets: list[RecipeTarget]) -> list[RecipeTarget]:
         keys = [t.key for t in targets]
         dupes = sorted({k for k in keys if keys.count(k) > 1})
         if dupes:
             raise ValueError(f"target listed twice: {', '.join(dupes)}")
+        for target in targets:
+            missing = [k for k in Format.for_target(target).depends_on() if k not in keys]
+            if missing:
+                raise ValueError(f"{target.key} is made from {', '.join(missing)}, which is not a target of this "
+                                 f"recipe: add it")  # fmt: skip
         return targets
 
     @field_validator("validation")
@@ -160,14 +100,20 @@ class Recipe(_Strict):
         return validation
 
     def select(self, keys: list[str] | None) -> Recipe:
-        """The recipe with only the targets named by `keys` (all when None or empty)."""
+        """The recipe with only the targets named by `keys` and those they are made from (all when None or empty)."""
         if not keys:
             return self
         unknown = [k for k in keys if k not in {t.key for t in self.targets}]
         if unknown:
             raise RecipeError(f"no target {', '.join(unknown)} in recipe {self.name} (targets: "
                               f"{', '.join(t.key for t in self.targets)})")  # fmt: skip
-        return self.model_copy(update={"targets": [t for t in self.targets if t.key in keys]})
+        wanted, todo = set(), list(keys)
+        while todo:
+            key = todo.pop()
+            if key not in wanted:
+                wanted.add(key)
+                todo += Format.for_target(self.target(key)).depends_on()
+        return self.model_copy(update={"targets": [t for t in self.targets if t.key in wanted]})
 
     def with_source(self, source: str | None) -> Recipe:
         """The recipe converting `source` (bundled:NAME, a folder or a hub id) instead of its own, when given."""

@@ -59,7 +59,8 @@ def markdown(summary: dict[str, Any]) -> str:
 def page(summary: dict[str, Any], chart_name: str) -> str:
     head = "".join(f"<th>{html.escape(COLUMNS[c][0])}</th>" for c in COLUMNS)
     body = "".join(
-        f'<tr class="{html.escape(r["status"])}">' + "".join(f"<td>{html.escape(cell(r, c))}</td>" for c in COLUMNS)
+        f'<tr class="{html.escape(str(r["status"]))}">'
+        + "".join(f"<td>{html.escape(cell(r, c))}</td>" for c in COLUMNS)
         + "</tr>" for r in summary["targets"]
     )  # fmt: skip
     title = html.escape(summary["model"])
@@ -94,10 +95,11 @@ def chart(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
     points = [r for r in rows if r.get("ppl_ratio") is not None and r.get("size_mb")]
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    colors = {"gguf": "#1f77b4", "mlx": "#ff7f0e", "onnx": "#2ca02c", "gptq": "#d62728", "tensorrt": "#9467bd"}
+    formats = list(dict.fromkeys(r["target"].split("/", 1)[0] for r in rows))  # one colour per format, in row order
+    palette = plt.get_cmap("tab10").colors
     for r in points:
-        fmt = r["target"].split("/", 1)[0]
-        ax.scatter(r["size_mb"], r["ppl_ratio"], color=colors.get(fmt, "#555"), s=40, zorder=3)
+        color = palette[formats.index(r["target"].split("/", 1)[0]) % len(palette)]
+        ax.scatter(r["size_mb"], r["ppl_ratio"], color=color, s=40, zorder=3)
         ax.annotate(r["target"], (r["size_mb"], r["ppl_ratio"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.axhline(1.0, color="#888", linewidth=0.8, linestyle="--")
     ax.set_xlabel("file size (MB)")

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import shutil
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel
-
-from pipeline.recipe import SourceSpec
+from pipeline import bundled
+from pipeline.checkpoint import Checkpoint, CheckpointError
+from pipeline.files import cache_root, file_sha256, staging_dir
+from pipeline.types import SourceError, SourceInfo, SourceSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 TOKENIZER_FILES = (
@@ -34,43 +34,8 @@ TOKENIZER_FILES = (
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class SourceError(ValueError):
-    """The source cannot be used; the message says why and what to do."""
-
-
-class SourceInfo(BaseModel):
-    spec: str
-    kind: Literal["bundled", "local", "hub"]
-    path: Path
-    revision: str | None
-    fingerprint: str
-    files: dict[str, str]
-    model_type: str
-    architecture: str
-    dtype: str
-    n_params: int
-    shards: list[str]
-    tied_embeddings: bool
-    tokenizer_files: list[str]
-    chat_template: str | None
-    trust_remote_code: bool = False
-
-    def config(self) -> dict:
-        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
-
-    def describe(self) -> dict:
-        """What a manifest records about the source."""
-        return self.model_dump(mode="json")
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("WEIGHTSMITH_CACHE", Path.home() / ".cache" / "weightsmith")).expanduser()
-
-
 def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceInfo:
     if spec.id.startswith("bundled:"):
-        from pipeline import bundled
-
         path, revision, kind = (
             bundled.materialise(spec.id.removeprefix("bundled:")),
             bundled.revision(spec.id),
@@ -135,7 +100,10 @@ def inspect_checkpoint(
             f"source {str(path)!r}: the config asks to run the model's own code (auto_map); "
             f"set trust_remote_code: true in the recipe only if you trust its author"
         )
-    checkpoint = Checkpoint(path)
+    try:
+        checkpoint = Checkpoint(path)
+    except CheckpointError as exc:
+        raise SourceError(f"source {str(path)!r}: {exc}") from None
     names = checkpoint.names()
     files = {f.name: file_sha256(f) for f in sorted(path.iterdir()) if f.is_file() and not f.name.startswith(".")}
     fingerprint = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
@@ -170,33 +138,14 @@ def _safetensors_from_pickle(path: Path, allow_pickle: bool) -> Path:
     digest = hashlib.sha256("".join(f"{p}:{file_sha256(path / p)}" for p in pickles).encode()).hexdigest()[:16]
     out = cache_root() / "safetensors" / digest
     if not (out / "config.json").is_file():
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from pipeline.artifacts import staging_dir
+        from transformers import AutoModelForCausalLM
 
         with staging_dir(out) as tmp:
             model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, dtype="auto")  # weights_only load
             model.save_pretrained(tmp)
-            AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
-    return out
-
-
-def portable_config(config: dict) -> dict:
-    """config.json as readers other than transformers 5 expect it. transformers 5 writes the rope settings only as
-    `rope_parameters` and the dtype only as `dtype`; transformers 4.x, mlx-lm and others read `rope_theta`,
-    `rope_scaling` and `torch_dtype`, and silently fall back to their own defaults (wrong logits, no error) when
-    those are missing. The new keys stay; the old ones are added where absent."""
-    out = dict(config)
-    rope = config.get("rope_parameters") or {}
-    if rope.get("rope_theta") is not None:
-        out.setdefault("rope_theta", rope["rope_theta"])
-    if "partial_rotary_factor" in rope:
-        out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
-    kind = rope.get("rope_type", "default")
-    if kind != "default" and not out.get("rope_scaling"):
-        out["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": kind, "type": kind}
-    if config.get("dtype") is not None:
-        out.setdefault("torch_dtype", config["dtype"])
+            for name in [*TOKENIZER_FILES, "generation_config.json"]:  # the tokenizer comes through unchanged
+                if (path / name).is_file():
+                    shutil.copy(path / name, tmp / name)
     return out
 
 
@@ -209,94 +158,6 @@ def chat_template(path: Path) -> str | None:
             if isinstance(value, str):
                 return value
     return None
-
-
-_HASHES: dict[tuple, str] = {}
-
-
-def file_sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-        _HASHES[key] = digest.hexdigest()
-    return _HASHES[key]
-
-
-class Checkpoint:
-    """Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint.
-
-    Tensors are read with plain positioned reads rather than through a memory map: a mapped file's pages stay in
-    the process's resident set once touched, so streaming a whole model through an mmap grows RSS to the model's
-    size. Reading one tensor at a time keeps peak memory at about one tensor. The header layout (8-byte length,
-    JSON table of dtype, shape and byte offsets) is the safetensors specification.
-    """
-
-    DTYPES = {
-        "BF16": "bfloat16",
-        "F16": "float16",
-        "F32": "float32",
-        "F64": "float64",
-        "I64": "int64",
-        "I32": "int32",
-        "I16": "int16",
-        "I8": "int8",
-        "U8": "uint8",
-        "BOOL": "bool",
-    }
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._entries: dict[str, tuple[Path, int, dict]] = {}
-        for file in sorted(self.path.glob("*.safetensors")):
-            with open(file, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(size))
-            header.pop("__metadata__", None)
-            for name, entry in header.items():
-                self._entries[name] = (file, 8 + size, entry)
-
-    def names(self) -> list[str]:
-        return list(self._entries)
-
-    def shard(self, name: str) -> Path:
-        return self._entries[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entries[name][2]["shape"])
-
-    def numel(self, name: str) -> int:
-        n = 1
-        for d in self.shape(name):
-            n *= d
-        return n
-
-    def dtype(self, name: str) -> str:
-        return self._entries[name][2]["dtype"]
-
-    def dtype_summary(self) -> str:
-        counts: dict[str, int] = {}
-        for name in self._entries:
-            counts[self.dtype(name)] = counts.get(self.dtype(name), 0) + self.numel(name)
-        top = max(counts, key=counts.get) if counts else "unknown"
-        return self.DTYPES.get(top, top.lower())
-
-    def tensor(self, name: str):
-        import torch
-
-        file, base, entry = self._entries[name]
-        start, end = entry["data_offsets"]
-        buffer = bytearray(end - start)
-        with open(file, "rb") as fh:
-            fh.seek(base + start)
-            fh.readinto(buffer)
-        dtype = getattr(torch, self.DTYPES[entry["dtype"]])
-        if not buffer:
-            return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):

@@ -15,6 +15,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from pipeline.files import cache_root, staging_dir
+
 MANIFEST = "manifest.json"
 
 
@@ -35,8 +37,6 @@ def check_url(output: str) -> None:
 
 def mirror(output: str) -> Path:
     """The local folder that stands for the URL `output` on this machine."""
-    from pipeline.source import cache_root  # pipeline.source imports the recipe module, which imports this one
-
     return cache_root() / "outputs" / hashlib.sha256(output.encode()).hexdigest()[:16]
 
 
@@ -65,8 +65,6 @@ def _same(local: Path, stored: str | None) -> bool:
 def pull(output: str, model: str, folder: str) -> None:
     """Bring the stored artifact `model/folder` into the mirror, unless the mirror already has that manifest or
     the storage has no complete artifact there."""
-    from pipeline.artifacts import staging_dir
-
     if not is_url(output):
         return
     local = mirror(output) / model / folder
@@ -87,9 +85,11 @@ def push(output: str, model: str, folder: str) -> None:
     if not is_url(output):
         return
     local = mirror(output) / model / folder
-    if not (local / MANIFEST).is_file():
-        return
     fs, where = _remote(output, model, folder)
+    if not (local / MANIFEST).is_file():  # gone here (a candidate that was published or dropped): gone there too
+        if fs.exists(where):
+            fs.rm(where, recursive=True)
+        return
     if _same(local, _stored_manifest(fs, where)):
         return
     if fs.exists(f"{where}/{MANIFEST}"):

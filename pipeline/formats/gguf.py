@@ -13,48 +13,48 @@ Two routes to a file, chosen by quant (the `QUANTS` table):
   llama-cpp-python) makes the final file, with an importance matrix when the target asks for one
   (`pipeline.formats.gguf_imatrix`). K-quant search is not re-implemented here.
 
-Architecture and tokenizer tables live in `gguf_arch` and `gguf_vocab`. The smoke test runs the file in llama.cpp
-itself, through llama-cpp-python (the `gguf` extra).
+Architecture and tokenizer metadata come from `gguf_arch` (the architecture table and gguf-py's tensor map) and
+`gguf_vocab`. The file is validated in llama.cpp itself, through llama-cpp-python (the `gguf` extra). Hand-off files:
+an Ollama Modelfile, a LocalAI model config and a llama-server script.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import gguf
 import numpy as np
+import yaml
 from gguf import GGMLQuantizationType as Q
 from gguf import LlamaFileType
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
-from pipeline.formats import FormatError, parse_size
+from pipeline import handoff
+from pipeline.checkpoint import Checkpoint
+from pipeline.formats import gguf_quantize
+from pipeline.formats.base import BuildContext, Format, Progress, missing_modules, parse_size
+from pipeline.formats.base import Options as BaseOptions
 from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, extra_tensors, permute_qk
 from pipeline.formats.gguf_arch import tensor_name as gguf_tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
+from pipeline.quantizers import imatrix as importance
+from pipeline.runtimes.llama_cpp import LlamaCppRuntime
+from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
 
 # recipe quant -> route. Direct quants name the tensor type of their weight matrices; llama.cpp quants are named
 # after llama.cpp's file types (q4_k_m -> LLAMA_FTYPE_MOSTLY_Q4_K_M).
 DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 LLAMA_CPP = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
              "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")  # fmt: skip
-QUANTS = (*DIRECT, *LLAMA_CPP)
-EXTRA = "gguf"
-HARDWARE = {"build": ("cpu",), "smoke": ("cpu", "cuda")}
 IMATRIX_FILE = "imatrix.gguf"
 
-Progress = Callable[[int, int, str], None]
 
-
-class Options(BaseModel):
+class Options(BaseOptions):
     """Target options for GGUF."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     imatrix: bool = False  # quantize with an importance matrix from the recipe's calibration text (llama.cpp route)
     base: Literal["auto", "f32", "f16", "bf16"] = "auto"  # the file llama.cpp quantizes from (auto: bf16 for bf16)
@@ -70,13 +70,6 @@ def file_type(quant: str) -> LlamaFileType:
     return LlamaFileType.ALL_F32 if quant == "f32" else LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
-def check_options(quant: str, options: Options) -> None:
-    if options.imatrix and quant in DIRECT:
-        raise FormatError(f"imatrix applies to llama.cpp-quantized types ({', '.join(LLAMA_CPP)}), not {quant}")
-    if options.base != "auto" and quant in DIRECT:
-        raise FormatError(f"base applies to llama.cpp-quantized types, not {quant}")
-
-
 @dataclass(frozen=True)
 class TensorPlan:
     hf_name: str | None  # None for tensors llama.cpp needs that the checkpoint does not hold (see extra_tensors)
@@ -87,26 +80,6 @@ class TensorPlan:
     @property
     def byte_shape(self) -> tuple[int, ...]:
         return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
-
-
-def missing_dependency(step: str, target) -> str | None:
-    if step == "smoke" or target.quant in LLAMA_CPP:
-        try:
-            import llama_cpp  # noqa: F401
-        except ImportError:
-            return f"llama-cpp-python is not installed: pip install 'weightsmith[{EXTRA}]'"
-    return None
-
-
-def check(source, target) -> None:
-    """Fail before anything is written: bad options, unsupported architecture, rope scaling, tensor or tokenizer."""
-    from pipeline.source import Checkpoint
-
-    check_options(target.quant, Options.model_validate(target.options))
-    config = source.config()
-    arch = architecture(source.model_type)
-    plan_tensors(Checkpoint(source.path), arch, config, "f16")
-    load_vocab(source.path, config["vocab_size"])
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
@@ -160,12 +133,11 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
     return out
 
 
-def write_direct(source, quant: str, path: Path, name: str, split_max_size: int | None, progress: Progress | None):
+def write_direct(source: SourceInfo, quant: str, path: Path, name: str, split_max_size: int | None,
+                 progress: Progress | None):  # fmt: skip
     """Stream the checkpoint into a GGUF file (or shards) with the tensor types of `quant`; return (plan, vocab)."""
-    from pipeline.source import Checkpoint
-
     config = source.config()
-    arch = architecture(source.model_type)
+    arch = architecture(source.model_type, config)
     vocab = load_vocab(source.path, config["vocab_size"])
     checkpoint = Checkpoint(source.path)
     plan = plan_tensors(checkpoint, arch, config, quant)
@@ -193,50 +165,11 @@ def write_direct(source, quant: str, path: Path, name: str, split_max_size: int 
     return plan, vocab
 
 
-def base_quant(source, options: Options) -> str:
+def base_quant(source: SourceInfo, options: Options) -> str:
     """The float type llama.cpp quantizes from: bf16 for bf16 checkpoints (lossless), f16 otherwise."""
     if options.base != "auto":
         return options.base
     return "bf16" if source.dtype == "bfloat16" else "f16"
-
-
-def build(source, target, out_dir: Path, *, name: str, progress: Progress | None = None, calibration=None):
-    from pipeline.formats import gguf_quantize
-
-    options = Options.model_validate(target.options)
-    check_options(target.quant, options)
-    stem = f"{name}-{target.quant.upper()}"
-    if target.quant in DIRECT:
-        plan, vocab = write_direct(source, target.quant, out_dir / f"{stem}.gguf", name, options.split_max_size,
-                                   progress)  # fmt: skip
-        info = {"route": "direct", "tensor_types": dict(Counter(p.qtype.name for p in plan))}
-    else:
-        base = base_quant(source, options)
-        base_dir = out_dir / ".base"
-        base_dir.mkdir()
-        plan, vocab = write_direct(source, base, base_dir / f"{name}-{base.upper()}.gguf", name,
-                                   options.split_max_size, progress)  # fmt: skip
-        imatrix = None
-        if options.imatrix:
-            from pipeline.formats import gguf_imatrix
-
-            imatrix = gguf_imatrix.for_source(source, calibration)
-            gguf_imatrix.write(out_dir / IMATRIX_FILE, imatrix)
-        types = gguf_quantize.quantize(model_files(base_dir)[0], out_dir / stem, file_type(target.quant), imatrix,
-                                       keep_split=options.split_max_size is not None)  # fmt: skip
-        shutil.rmtree(base_dir)
-        info = {"route": "llama.cpp", "base": base, "tensor_types": types,
-                "imatrix": imatrix.describe() if imatrix else None}  # fmt: skip
-    files = model_files(out_dir)
-    return {
-        **info,
-        "file": files[0].name,
-        "shards": len(files),
-        "gguf_arch": architecture(source.model_type).name,
-        "file_type": file_type(target.quant).name,
-        "n_tensors": len(plan),
-        "tokenizer": {"model": vocab.model, "pre": vocab.pre, "add_bos": vocab.add_bos, "n_tokens": len(vocab.tokens)},
-    }
 
 
 def model_files(folder: Path) -> list[Path]:
@@ -247,70 +180,93 @@ def model_files(folder: Path) -> list[Path]:
     return files
 
 
-def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    from pipeline.validate import smoke_test
+class GGUF(Format):
+    name = "gguf"
+    quants = (*DIRECT, *LLAMA_CPP)
+    extra = "gguf"
+    library = "gguf"
+    options_model = Options
+    hardware = {Step.BUILD: ("cpu",), Step.VALIDATE: ("cpu", "cuda")}
+    options: Options
 
-    n_ctx = max(
-        max(len(c) for c in reference.chunks), max(len(p.ids) for p in reference.prompts) + validation.max_new_tokens
-    )
-    runtime = LlamaCppRuntime(model_files(artifact_dir)[0], n_ctx)
-    try:
-        return smoke_test(runtime, reference, validation)
-    finally:
-        runtime.close()
+    @classmethod
+    def check_options(cls, quant: str, options: Options) -> None:
+        if options.imatrix and quant in DIRECT:
+            raise FormatError(f"imatrix applies to llama.cpp-quantized types ({', '.join(LLAMA_CPP)}), not {quant}")
+        if options.base != "auto" and quant in DIRECT:
+            raise FormatError(f"base applies to llama.cpp-quantized types, not {quant}")
 
+    def missing_dependency(self, step: Step) -> str | None:
+        if step == Step.VALIDATE or self.quant in LLAMA_CPP:
+            return missing_modules(["llama_cpp"], self.extra)
+        return None
 
-class LlamaCppRuntime:
-    """A GGUF file loaded in llama.cpp (llama-cpp-python), driven through pipeline.validate's Runtime interface."""
+    def check(self, source: SourceInfo) -> None:
+        """Unsupported architecture, rope scaling, tensor or tokenizer: refused before anything is written."""
+        config = source.config()
+        arch = architecture(source.model_type, config)
+        plan_tensors(Checkpoint(source.path), arch, config, "f16")
+        load_vocab(source.path, config["vocab_size"])
 
-    def __init__(self, path: Path, n_ctx: int):
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threads collapse on small machines
-        import llama_cpp
-
-        from pipeline.hardware import torch_threads
-
-        threads = torch_threads()
-        self.llm = llama_cpp.Llama(
-            str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, logits_all=True, verbose=False
-        )
-        self.description = {
-            "runtime": f"llama.cpp (llama-cpp-python {llama_cpp.__version__})",
-            "device": "cpu" if not llama_cpp.llama_supports_gpu_offload() else "gpu-capable build",
-            "threads": threads,
-        }
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        self.llm.reset()
-        self.llm.eval(ids)
-        return np.array(self.llm.scores[: len(ids)], dtype=np.float32)
-
-    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        self.llm.reset()
-        out: list[int] = []
-        for token in self.llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-            out.append(token)
-            if token in stop_ids or len(out) >= max_new_tokens:
-                break
-        return out
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
-
-    def chat_template(self) -> dict[str, str] | None:
-        metadata = self.llm.metadata
-        template = metadata.get("tokenizer.chat_template")
-        if template is None:
-            return None
-
-        def token(key: str) -> str:
-            tid = metadata.get(key)
-            return self.llm.detokenize([int(tid)], special=True).decode("utf-8") if tid is not None else ""
-
+    def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
+        stem = f"{ctx.name}-{self.quant.upper()}"
+        config = source.config()
+        arch = architecture(source.model_type, config)
+        if self.quant in DIRECT:
+            plan, vocab = write_direct(source, self.quant, out_dir / f"{stem}.gguf", ctx.name,
+                                       self.options.split_max_size, ctx.progress)  # fmt: skip
+            info = {"route": "direct", "tensor_types": dict(Counter(p.qtype.name for p in plan))}
+        else:
+            base = base_quant(source, self.options)
+            base_dir = out_dir / ".base"
+            base_dir.mkdir()
+            plan, vocab = write_direct(source, base, base_dir / f"{ctx.name}-{base.upper()}.gguf", ctx.name,
+                                       self.options.split_max_size, ctx.progress)  # fmt: skip
+            imatrix = None
+            if self.options.imatrix:
+                imatrix = importance.compute(source, ctx.calibration, lambda n: gguf_tensor_name(arch, n))
+                importance.write(out_dir / IMATRIX_FILE, imatrix)
+            types = gguf_quantize.quantize(model_files(base_dir)[0], out_dir / stem, file_type(self.quant), imatrix,
+                                           keep_split=self.options.split_max_size is not None)  # fmt: skip
+            shutil.rmtree(base_dir)
+            info = {"route": "llama.cpp", "base": base, "tensor_types": types,
+                    "imatrix": imatrix.describe() if imatrix else None}  # fmt: skip
+        files = model_files(out_dir)
         return {
-            "template": template,
-            "bos_token": token("tokenizer.ggml.bos_token_id"),
-            "eos_token": token("tokenizer.ggml.eos_token_id"),
+            **info,
+            "file": files[0].name,
+            "shards": len(files),
+            "gguf_arch": arch.name,
+            "file_type": file_type(self.quant).name,
+            "n_tensors": len(plan),
+            "tokenizer": {
+                "model": vocab.model,
+                "pre": vocab.pre,
+                "add_bos": vocab.add_bos,
+                "n_tokens": len(vocab.tokens),
+            },  # fmt: skip
         }
 
-    def close(self) -> None:
-        self.llm.close()
+    def open_runtime(self, artifact: Path, reference, validation: Validation) -> LlamaCppRuntime:
+        longest_prompt = max(len(p.ids) for p in reference.prompts) + validation.max_new_tokens
+        return LlamaCppRuntime(model_files(artifact)[0], max(max(len(c) for c in reference.chunks), longest_prompt))
+
+    def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
+        """An Ollama Modelfile, a LocalAI model config and a llama-server script."""
+        file = manifest.build["file"]
+        lines = [f"# Ollama Modelfile for {manifest.model} {manifest.quant} (weightsmith)", f"FROM ./{file}"]
+        if template := handoff.ollama_template(chat["template"]):
+            lines.append(f'TEMPLATE """{template}"""')
+            if system := handoff.default_system(chat["template"]):
+                lines.append(f'SYSTEM """{system}"""')
+        else:
+            lines.append("# TEMPLATE: none written; Ollama takes the chat template stored in the GGUF")
+        lines += [f'PARAMETER stop "{s}"' for s in chat["stop"]]
+        lines.append(f"PARAMETER num_ctx {chat['context']}")
+        localai = {"name": handoff.model_name(manifest), "backend": "llama-cpp", "context_size": chat["context"],
+                   "parameters": {"model": file}, "template": {"use_tokenizer_template": True},
+                   "stopwords": chat["stop"]}  # fmt: skip
+        server = ["llama-server", "-m", file, "--jinja", "-c", str(chat["context"]), "--host", "127.0.0.1", "--port",
+                  "8080"]  # fmt: skip
+        return {"Modelfile": "\n".join(lines) + "\n", "localai.yaml": yaml.safe_dump(localai, sort_keys=False),
+                "llama-server.sh": handoff.script(server)}  # fmt: skip

@@ -1,155 +1,78 @@
-"""Architecture tables for GGUF export, keyed by the Hugging Face `model_type`.
+"""A Hugging Face architecture as llama.cpp sees it: its GGUF architecture, tensor names and hyperparameters.
 
-Each table says, as data: which llama.cpp architecture the model becomes; which Hugging Face module becomes which
-llama.cpp tensor (gguf-py's own MODEL_TENSOR names, so the output names are exactly what llama.cpp expects); which
-config keys become which GGUF hyperparameters (a trailing non-string value is the default when no key is present);
-whether q/k rows must be permuted (llama.cpp's `llama` rotates interleaved pairs, Hugging Face stores q/k for
-rotate-half; the other architectures here use rotate-half in both); and whether norm weights are stored as an
-offset from 1 (Gemma's RMSNorm multiplies by 1 + weight, llama.cpp by weight).
+The data is the field's own: tensor names come from gguf-py's `TensorNameMap` for the architecture the row of
+`pipeline.archs` names (the map llama.cpp's own converter uses), so the output names are exactly what llama.cpp
+expects; which config keys become which metadata is the row's `gguf_hparams` on top of `COMMON_HPARAMS`. q/k rows
+are permuted where the row says so (llama.cpp's `llama`-style rope rotates interleaved pairs, Hugging Face stores
+q/k for rotate-half), and norm weights stored as an offset from 1 (Gemma's RMSNorm multiplies by 1 + weight) get it
+added back.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import gguf
-from gguf import MODEL_ARCH
-from gguf import MODEL_TENSOR as T
 
-from pipeline.formats import FormatError
+from pipeline.archs import COMMON_HPARAMS, Arch, arch, supported
+from pipeline.types import FormatError
 
-LAYER = "model.layers.{bid}"
-
-# Hugging Face module path -> llama.cpp tensor, for decoders laid out like Llama (weight and bias share a path).
-LLAMA_TENSORS = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    f"{LAYER}.input_layernorm": T.ATTN_NORM,
-    f"{LAYER}.self_attn.q_proj": T.ATTN_Q,
-    f"{LAYER}.self_attn.k_proj": T.ATTN_K,
-    f"{LAYER}.self_attn.v_proj": T.ATTN_V,
-    f"{LAYER}.self_attn.o_proj": T.ATTN_OUT,
-    f"{LAYER}.post_attention_layernorm": T.FFN_NORM,
-    f"{LAYER}.mlp.gate_proj": T.FFN_GATE,
-    f"{LAYER}.mlp.up_proj": T.FFN_UP,
-    f"{LAYER}.mlp.down_proj": T.FFN_DOWN,
-}
-
-QWEN3_TENSORS = {
-    **LLAMA_TENSORS,
-    f"{LAYER}.self_attn.q_norm": T.ATTN_Q_NORM,
-    f"{LAYER}.self_attn.k_norm": T.ATTN_K_NORM,
-}
-
-GEMMA2_TENSORS = {
-    **{k: v for k, v in LLAMA_TENSORS.items() if v not in (T.OUTPUT, T.FFN_NORM)},
-    f"{LAYER}.post_attention_layernorm": T.ATTN_POST_NORM,
-    f"{LAYER}.pre_feedforward_layernorm": T.FFN_NORM,
-    f"{LAYER}.post_feedforward_layernorm": T.FFN_POST_NORM,
-}
-
-PHI3_TENSORS = {
-    "model.embed_tokens": T.TOKEN_EMBD,
-    "model.norm": T.OUTPUT_NORM,
-    "lm_head": T.OUTPUT,
-    f"{LAYER}.input_layernorm": T.ATTN_NORM,
-    f"{LAYER}.self_attn.qkv_proj": T.ATTN_QKV,
-    f"{LAYER}.self_attn.o_proj": T.ATTN_OUT,
-    f"{LAYER}.post_attention_layernorm": T.FFN_NORM,
-    f"{LAYER}.mlp.gate_up_proj": T.FFN_UP,  # gate and up fused, gate first: llama.cpp's fused SwiGLU layout
-    f"{LAYER}.mlp.down_proj": T.FFN_DOWN,
-}
-
-# GGUFWriter method -> Hugging Face config keys, first one present wins (rope keys may sit in `rope_parameters`).
-COMMON_HPARAMS = {
-    "add_context_length": ("max_position_embeddings",),
-    "add_embedding_length": ("hidden_size",),
-    "add_block_count": ("num_hidden_layers",),
-    "add_feed_forward_length": ("intermediate_size",),
-    "add_head_count": ("num_attention_heads",),
-    "add_head_count_kv": ("num_key_value_heads", "num_attention_heads"),
-    "add_layer_norm_rms_eps": ("rms_norm_eps",),
-    "add_key_length": ("head_dim",),
-    "add_value_length": ("head_dim",),
-    "add_rope_freq_base": ("rope_theta",),
-}
+SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
+IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; llama.cpp computes them
 
 
 @dataclass(frozen=True)
 class Architecture:
-    gguf_arch: MODEL_ARCH
-    tensors: dict[str, T]
-    hparams: dict[str, tuple] = field(default_factory=lambda: dict(COMMON_HPARAMS))
-    permute_qk: bool = False
-    norm_offset: float = 0.0
-    ignored: tuple[str, ...] = ("rotary_emb.inv_freq",)
+    """One model_type's row, bound to gguf-py's tensor map for its block count."""
+
+    model_type: str
+    row: Arch
+    n_blocks: int
+
+    @property
+    def gguf_arch(self) -> gguf.MODEL_ARCH:
+        return gguf.MODEL_ARCH[self.row.gguf]
 
     @property
     def name(self) -> str:
         return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
 
+    @property
+    def permute_qk(self) -> bool:
+        return self.row.permute_qk
 
-LLAMA = Architecture(
-    MODEL_ARCH.LLAMA,
-    LLAMA_TENSORS,
-    {**COMMON_HPARAMS, "add_vocab_size": ("vocab_size",), "add_rope_dimension_count": ("rope_dimensions",)},
-    permute_qk=True,
-)
+    @property
+    def norm_offset(self) -> float:
+        return self.row.norm_offset
 
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": LLAMA,
-    "mistral": LLAMA,  # llama.cpp runs Mistral (dense) as llama
-    "qwen2": Architecture(MODEL_ARCH.QWEN2, LLAMA_TENSORS),
-    "qwen3": Architecture(MODEL_ARCH.QWEN3, QWEN3_TENSORS),
-    "gemma2": Architecture(
-        MODEL_ARCH.GEMMA2,
-        GEMMA2_TENSORS,
-        {
-            **COMMON_HPARAMS,
-            "add_attn_logit_softcapping": ("attn_logit_softcapping",),
-            "add_final_logit_softcapping": ("final_logit_softcapping",),
-            "add_sliding_window": ("sliding_window",),
-        },
-        norm_offset=1.0,
-        ignored=("rotary_emb.inv_freq", "lm_head.weight"),  # tied; llama.cpp uses the embeddings
-    ),
-    "phi3": Architecture(
-        MODEL_ARCH.PHI3,
-        PHI3_TENSORS,
-        {
-            **COMMON_HPARAMS,
-            "add_rope_dimension_count": ("rope_dimensions",),
-            "add_rope_scaling_orig_ctx_len": ("original_max_position_embeddings", "max_position_embeddings"),
-            "add_sliding_window": ("sliding_window", 0),
-        },
-    ),
-}
+    @property
+    def hparams(self) -> dict[str, tuple]:
+        return {**COMMON_HPARAMS, **self.row.gguf_hparams}
 
-SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
+    @cached_property
+    def tensor_map(self) -> gguf.TensorNameMap:
+        return gguf.TensorNameMap(self.gguf_arch, self.n_blocks)
 
 
-def architecture(model_type: str) -> Architecture:
-    if model_type not in ARCHITECTURES:
-        raise FormatError(
-            f"GGUF export does not support architecture {model_type!r} (supported: {', '.join(sorted(ARCHITECTURES))})"
-        )
-    return ARCHITECTURES[model_type]
+def architecture(model_type: str, config: dict) -> Architecture:
+    row = arch(model_type)
+    if row.gguf is None:
+        raise FormatError(f"GGUF does not support architecture {model_type!r}: llama.cpp's architecture for it is not "
+                          f"in weightsmith's table (supported: {', '.join(supported('gguf'))})")  # fmt: skip
+    return Architecture(model_type, row, config["num_hidden_layers"])
 
 
 def tensor_name(arch: Architecture, hf_name: str) -> str | None:
     """The llama.cpp name of a Hugging Face tensor, None for tensors llama.cpp does not use; FormatError if unknown."""
-    if hf_name.endswith(arch.ignored):
+    if hf_name.endswith(IGNORED) or hf_name in arch.row.gguf_skip:
         return None
-    module, _, suffix = hf_name.rpartition(".")
-    for pattern, kind in arch.tensors.items():
-        regex = "^" + re.escape(pattern).replace(r"\{bid\}", r"(\d+)") + "$"
-        if match := re.match(regex, module):
-            bid = int(match.group(1)) if match.groups() else None
-            return gguf.TENSOR_NAMES[kind].format(bid=bid) + "." + suffix
-    raise FormatError(f"tensor {hf_name!r} has no GGUF mapping for architecture {arch.name!r}")
+    name = arch.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise FormatError(f"tensor {hf_name!r} has no GGUF name for llama.cpp's {arch.name!r} (gguf-py's tensor map): "
+                          f"this checkpoint has parts its architecture in llama.cpp does not")  # fmt: skip
+    return name
 
 
 def rope(config: dict) -> dict:
@@ -214,7 +137,7 @@ def extra_tensors(arch: Architecture, config: dict) -> dict:
         else:
             smooth = (old_context / wavelength - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
-    return {gguf.TENSOR_NAMES[T.ROPE_FREQS] + ".weight": torch.tensor(factors, dtype=torch.float32)}
+    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": torch.tensor(factors, dtype=torch.float32)}
 
 
 def permute_qk(weights, n_head: int):

@@ -17,7 +17,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from pipeline.formats import FormatError
+from pipeline.types import FormatError
 
 log = logging.getLogger("weightsmith")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import gguf
 
-from pipeline.formats import FormatError
+from pipeline.types import FormatError
 
 # llama.cpp's probe text (convert_hf_to_gguf.py, `chktxt`): it must be byte-identical for the hashes below to match.
 PROBE_TEXT = (

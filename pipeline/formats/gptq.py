@@ -11,42 +11,44 @@ The artifact is the GPTQ v1 layout (`pipeline.gptq.to_checkpoint`): qweight, qze
 g_idx per linear; everything else float16; config.json with `quantization_config` and a quantize_config.json; the
 source's tokenizer and chat template; safetensors shards above `shard_size`.
 
-The smoke test does not judge with our own unpacking code: it loads the artifact the way serving stacks do, with
+Which architectures: the rows of `pipeline.archs` that list the decoder layer's linears (`gptq_linears`). The
+quantizer itself lives in `pipeline.quantizers` (`gptq` the solver, `layers` the calibration stream).
+
+Validation does not judge with our own unpacking code: it loads the artifact the way serving stacks do, with
 transformers' `from_pretrained` and GPTQModel's kernels (`torch` on CPU, which computes with the exact weights;
 GPTQModel's own `TORCH_INT8` CPU kernel is faster but re-quantizes the weights per channel, which costs INT8 GPTQ
 most of its accuracy), and records that in `validated_by`. Where gptqmodel or optimum is not installed it falls back
 to a dequantizing check in transformers and says so. The manifest also records round-to-nearest's perplexity ratio
-on the same weights, grid and text: the floor GPTQ must beat.
+on the same weights, grid and text: the floor GPTQ must beat. Hand-off files: a vLLM serve script, an Xinference
+registration and a transformers example.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
-from pipeline.formats import FormatError, check_group_size, parse_size
+from pipeline import handoff
+from pipeline.archs import arch
+from pipeline.corpus import calibration_samples, load_text, samples_digest
+from pipeline.formats.base import BuildContext, Format, check_group_size, parse_size, refuse_unless
+from pipeline.formats.base import Options as BaseOptions
+from pipeline.source import load_tokenizer
+from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
 
-QUANTS = ("int4", "int8")
-EXTRA = "gptq"
-HARDWARE = {"build": ("cuda", "cpu"), "smoke": ("cpu", "cuda")}
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-LINEAR = re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$")
+RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
 
 
-class Options(BaseModel):
+class Options(BaseOptions):
     """Target options for GPTQ."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     group_size: Literal[-1, 32, 64, 128, 256] = 128  # -1: one scale per output channel
     sym: bool = True
@@ -67,41 +69,89 @@ def bits(quant: str) -> int:
     return {"int4": 4, "int8": 8}[quant]
 
 
-def check_options(quant: str, options: Options) -> None:
-    if options.static_groups and not options.desc_act:
-        raise FormatError("static_groups only applies with desc_act: true")
+class GPTQ(Format):
+    name = "gptq"
+    quants = ("int4", "int8")
+    extra = "gptq"
+    library = "transformers"
+    options_model = Options
+    hardware = {Step.BUILD: ("cuda", "cpu"), Step.VALIDATE: ("cpu", "cuda")}
+    options: Options
 
+    @classmethod
+    def check_options(cls, quant: str, options: Options) -> None:
+        if options.static_groups and not options.desc_act:
+            raise FormatError("static_groups only applies with desc_act: true")
 
-def missing_dependency(step: str, target) -> str | None:
-    options = Options.model_validate(target.options)
-    if step == "build" and options.quantizer == "gptqmodel":
-        try:
-            import gptqmodel  # noqa: F401
-        except ImportError:
-            return f"quantizer gptqmodel needs GPTQModel: pip install 'weightsmith[{EXTRA}]'"
-    return None  # smoke falls back to a dequantizing check, and says so
+    @property
+    def spec(self):
+        from pipeline.quantizers.gptq import QuantSpec
 
+        o = self.options
+        return QuantSpec(bits=bits(self.quant), group_size=o.group_size, sym=o.sym, desc_act=o.desc_act,
+                         static_groups=o.static_groups, damp=o.damp)  # fmt: skip
 
-def is_quantized(name: str) -> bool:
-    return bool(LINEAR.match(name))
+    def missing_dependency(self, step: Step) -> str | None:
+        if step == Step.BUILD and self.options.quantizer == "gptqmodel":
+            try:
+                import gptqmodel  # noqa: F401
+            except ImportError:
+                return f"quantizer gptqmodel needs GPTQModel: pip install 'weightsmith[{self.extra}]'"
+        return None  # validation falls back to a dequantizing check, and says so
 
+    def check(self, source: SourceInfo) -> None:
+        linears = arch(source.model_type).gptq_linears
+        refuse_unless(bool(linears), "GPTQ", source.model_type, "gptq",
+                      "the layer-wise quantizer does not know its decoder layer's linears")  # fmt: skip
+        if self.options.group_size != -1:
+            names = tuple(f".{linear}.weight" for linear in linears)
+            check_group_size(source, self.options.group_size, lambda n: n.startswith("model.layers.") and
+                             n.endswith(names))  # fmt: skip
 
-def check(source, target) -> None:
-    options = Options.model_validate(target.options)
-    check_options(target.quant, options)
-    if source.model_type not in SUPPORTED:
-        raise FormatError(f"GPTQ is not set up for architecture {source.model_type!r} (supported: "
-                          f"{', '.join(SUPPORTED)})")  # fmt: skip
-    if options.group_size != -1:
-        check_group_size(source, options.group_size, is_quantized)
+    def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
+        calibration, spec = ctx.calibration, self.spec
+        tokenizer = load_tokenizer(source.path, source.trust_remote_code)
+        text = load_text(calibration.text, "calibration")
+        samples = calibration_samples(tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+        facts: dict[str, Any] = {"quantizer": self.options.quantizer, "calibration": {
+            "text": calibration.text, "samples": len(samples), "seq_len": calibration.seq_len,
+            "seed": calibration.seed, "sha256": samples_digest(samples)}}  # fmt: skip
+        start = time.perf_counter()
+        if self.options.quantizer == "gptqmodel":
+            from pipeline.quantizers.gptqmodel import quantize_with_gptqmodel
 
+            facts["layers"] = quantize_with_gptqmodel(source, spec, samples, out_dir)
+        else:
+            # bench/gptq.py: on an idle 2-core machine two solver threads are faster than one; on a loaded one a
+            # single thread solved 3-8x faster, which is what `threads: 1` is for
+            threads = self.options.threads or torch_threads()
+            facts["layers"] = write_quantized(source, spec, samples, out_dir, self.options.shard_size, threads)
+            facts["solver_threads"] = threads
+            write_configs(source, spec, out_dir)
+        facts["quantize_s"] = round(time.perf_counter() - start, 2)
+        for name in [*source.tokenizer_files, "generation_config.json"]:
+            if (source.path / name).is_file():
+                shutil.copy(source.path / name, out_dir / name)
+        return facts
 
-def spec_for(target):
-    from pipeline.gptq import QuantSpec
+    def open_runtime(self, artifact: Path, reference, validation: Validation):
+        from pipeline.runtimes.transformers import open_gptq
 
-    o = Options.model_validate(target.options)
-    return QuantSpec(bits=bits(target.quant), group_size=o.group_size, sym=o.sym, desc_act=o.desc_act,
-                     static_groups=o.static_groups, damp=o.damp)  # fmt: skip
+        return open_gptq(artifact)
+
+    def validate(self, artifact: Path, reference, validation: Validation) -> dict[str, Any]:
+        """The common checks, plus round-to-nearest's figures on the same grid: GPTQ must beat them."""
+        result = super().validate(artifact, reference, validation)
+        config = json.loads((artifact / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        quality = result["quality"]
+        quality["rtn_ppl_ratio"] = rtn_quality(reference, config)["ppl_ratio"]
+        result["smoke"]["validated_by"] = result["smoke"]["runtime"]["validated_by"]
+        result["failures"] += beats_rtn(quality["ppl_ratio"], quality["rtn_ppl_ratio"])
+        return result
+
+    def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
+        """A vLLM serve script, an Xinference registration and a transformers example."""
+        return gptq_files(artifact, manifest, chat)
 
 
 def quantization_config(spec) -> dict[str, Any]:
@@ -124,40 +174,8 @@ def quantization_config(spec) -> dict[str, Any]:
     }
 
 
-def build(source, target, out_dir: Path, *, name: str, progress=None, calibration=None) -> dict[str, Any]:
-    from pipeline.corpus import calibration_samples, load_text, samples_digest
-    from pipeline.source import load_tokenizer
-
-    options = Options.model_validate(target.options)
-    spec = spec_for(target)
-    tokenizer = load_tokenizer(source.path, source.trust_remote_code)
-    text = load_text(calibration.text, "calibration")
-    samples = calibration_samples(tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
-    facts = {"quantizer": options.quantizer, "calibration": {
-        "text": calibration.text, "samples": len(samples), "seq_len": calibration.seq_len, "seed": calibration.seed,
-        "sha256": samples_digest(samples)}}  # fmt: skip
-    start = time.perf_counter()
-    if options.quantizer == "gptqmodel":
-        from pipeline.formats.gptq_reference import quantize_with_gptqmodel
-
-        facts["layers"] = quantize_with_gptqmodel(source, spec, samples, out_dir)
-    else:
-        # bench/gptq.py: on an idle 2-core machine two solver threads are faster than one; on a loaded one a single
-        # thread solved 3-8x faster, which is what `threads: 1` is for
-        threads = options.threads or torch_threads()
-        facts["layers"] = write_quantized(source, spec, samples, out_dir, options.shard_size, threads)
-        facts["solver_threads"] = threads
-    facts["quantize_s"] = round(time.perf_counter() - start, 2)
-    if options.quantizer == "weightsmith":
-        _write_configs(source, spec, out_dir)
-    for name in [*source.tokenizer_files, "generation_config.json"]:
-        if (source.path / name).is_file():
-            shutil.copy(source.path / name, out_dir / name)
-    return facts
-
-
-def _write_configs(source, spec, out_dir: Path) -> None:
-    from pipeline.source import portable_config
+def write_configs(source: SourceInfo, spec, out_dir: Path) -> None:
+    from pipeline.checkpoint import portable_config
 
     qconfig = quantization_config(spec)
     config = portable_config(source.config())
@@ -172,16 +190,17 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def write_quantized(source, spec, samples: list[list[int]], out_dir: Path, shard_size: int, threads: int) -> list:
+def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir: Path, shard_size: int,
+                    threads: int) -> list:  # fmt: skip
     """Quantize layer by layer and write the checkpoint; return each layer's per-linear output errors (GPTQ's and
     round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs). Forward
     passes use all of torch's threads; the solver uses `threads`."""
     import torch
 
-    from pipeline.formats.gptq_layers import LayerStream
-    from pipeline.gptq import gptq, output_errors, rtn, split_rows, to_checkpoint
+    from pipeline.quantizers.gptq import gptq, output_errors, rtn, split_rows, to_checkpoint
+    from pipeline.quantizers.layers import LayerStream
 
-    stream = LayerStream(source, samples)
+    stream = LayerStream(source, samples, arch(source.model_type).gptq_linears)
     writer = ShardWriter(out_dir, shard_size)
     for name, tensor in stream.other_tensors():
         writer.add(name, tensor.to(torch.float16))
@@ -261,23 +280,6 @@ class ShardWriter:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
-def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    from pipeline.formats.gptq_runtime import open_runtime, rtn_quality
-    from pipeline.validate import smoke_test
-
-    runtime = open_runtime(artifact_dir)
-    result = smoke_test(runtime, reference, validation)
-    config = json.loads((artifact_dir / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-    quality = result["quality"]
-    quality["rtn_ppl_ratio"] = rtn_quality(reference, config)["ppl_ratio"]
-    result["smoke"]["validated_by"] = runtime.description["validated_by"]
-    result["failures"] += beats_rtn(quality["ppl_ratio"], quality["rtn_ppl_ratio"])
-    return result
-
-
-RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
-
-
 def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:
     """GPTQ that is no better than round-to-nearest on the same grid is broken, whatever the budget says."""
     if rtn_ppl_ratio > RTN_SIGNAL and ppl_ratio >= rtn_ppl_ratio:
@@ -286,6 +288,58 @@ def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:
     return []
 
 
-def cpu_workers() -> None:
-    """GPTQModel refuses to start on 2 cores unless told how many CPU workers it may use."""
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))
+def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
+    """The quality figures of round-to-nearest on the same source weights, bits, groups and text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.quantizers.gptq import QuantSpec, rtn
+    from pipeline.runtimes.transformers import TorchRuntime
+    from pipeline.validate import compare
+
+    spec = QuantSpec(bits=quantization["bits"], group_size=quantization["group_size"], sym=quantization["sym"])
+    model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+                module.weight.data = rtn(module.weight.data, spec).dequantized
+    return compare(reference, TorchRuntime(model, {"runtime": "transformers (round-to-nearest)"}))
+
+
+def gptq_files(folder: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+    name = handoff.model_name(manifest)
+    vllm = ["vllm", "serve", ".", "--quantization", "gptq", "--served-model-name", name, "--max-model-len",
+            str(chat["context"])]  # fmt: skip
+    xinference = {
+        "version": 2,
+        "context_length": chat["context"],
+        "model_name": name,
+        "model_lang": ["en"],
+        "model_ability": ["generate", "chat"] if chat["template"] else ["generate"],
+        "model_description": f"{manifest.model} GPTQ int{config['bits']} (group {config['group_size']}) by weightsmith",
+        "model_family": "other",
+        "model_specs": [{"model_format": "gptq", "model_size_in_billions": handoff.billions(manifest),
+                         "quantization": f"Int{config['bits']}", "model_uri": chat["published"].as_uri()}],
+        "chat_template": chat["template"],
+        "stop_token_ids": chat["stop_ids"],
+        "stop": chat["stop"],
+    }  # fmt: skip
+    title = f"Load {manifest.model} GPTQ int{config['bits']} with transformers (needs gptqmodel and optimum)."
+    snippet = f'''"""{title}"""
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = Path(__file__).resolve().parent  # this artifact's folder
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, device_map="auto")
+messages = [{{"role": "user", "content": "What is the capital of France?"}}]
+ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
+print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0, ids.shape[1]:], skip_special_tokens=True))
+'''
+    return {
+        "vllm-serve.sh": handoff.script(vllm),
+        "xinference.json": json.dumps(xinference, indent=2) + "\n",
+        "transformers_example.py": snippet,
+    }

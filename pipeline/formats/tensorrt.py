@@ -3,7 +3,8 @@
 Three steps, each with its own status in the manifest (`steps`):
 
 1. prepare (the format's `build`, CPU): the TensorRT-LLM checkpoint (`config.json` + `rank0.safetensors`, tp=1)
-   for llama and qwen2, written by our own small converter from the tensor map below. TensorRT-LLM's converters
+   for the rows of `pipeline.archs` with a `trtllm` architecture, written by our own small converter from the tensor
+   map below. TensorRT-LLM's converters
    need `import tensorrt_llm`, which needs the NVIDIA driver: they cannot run on the CPU machines that prepare
    artifacts. Quants: `fp16`/`bf16`; weight-only `w8a16`/`w4a16` (symmetric, per output channel, as TensorRT-LLM's
    own weight-only quantizer); `w4a16_gptq` from this recipe's GPTQ artifact (option `gptq_target`).
@@ -30,18 +31,20 @@ checkpoint serves every GPU. `config.json` says so under `weightsmith.weight_lay
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.formats import FormatError
+from pipeline import handoff
+from pipeline.archs import arch
+from pipeline.checkpoint import Checkpoint
+from pipeline.formats.base import BuildContext, Format, refuse_unless
+from pipeline.formats.base import Options as BaseOptions
+from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
 
-QUANTS = ("fp16", "bf16", "w8a16", "w4a16", "w4a16_gptq")
-EXTRA = "tensorrt"  # not a pip extra: TensorRT-LLM comes from NVIDIA's package index (see the README)
-HARDWARE = {"build": ("cpu", "cuda"), "smoke": ("cpu", "cuda"), "engine": ("cuda",)}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 QUANT_ALGO = {"fp16": None, "bf16": None, "w8a16": "W8A16", "w4a16": "W4A16", "w4a16_gptq": "W4A16_GPTQ"}
 WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_gptq": 4}
 
@@ -60,10 +63,8 @@ TOP = {
 }
 
 
-class Options(BaseModel):
+class Options(BaseOptions):
     """Target options for TensorRT-LLM."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     gptq_target: str = "gptq/int4"  # w4a16_gptq: the recipe's GPTQ target whose artifact is converted
     # which engine builder: TensorRT-LLM from the checkpoint, or plain TensorRT from onnx_target's graph; auto takes
@@ -110,45 +111,13 @@ class CheckpointConfig(BaseModel):
     qwen_type: str | None = None
 
 
-def check_options(quant: str, options: Options) -> None:
-    if options.max_input_len > options.max_seq_len:
-        raise FormatError(f"max_input_len {options.max_input_len} exceeds max_seq_len {options.max_seq_len}")
-    if options.onnx_target and quant != "fp16":
-        raise FormatError(f"plain TensorRT builds fp16 engines from the fp16 standard ONNX export; drop onnx_target "
-                          f"for {quant}, whose engine TensorRT-LLM builds")  # fmt: skip
-    if options.engine_route == "onnx" and not options.onnx_target:
-        raise FormatError("engine_route onnx needs onnx_target: the recipe's fp16 standard ONNX target, e.g. "
-                          "onnx/fp16 with options {flavour: standard}")  # fmt: skip
-
-
-def missing_dependency(step: str, target) -> str | None:
-    return None  # prepare and the checkpoint check need only torch; the engine steps report their own reasons
-
-
-def depends_on(target) -> list[str]:
-    """w4a16_gptq is made from the recipe's GPTQ artifact, a plain TensorRT engine from its ONNX artifact: redo the
-    target when that one is redone."""
-    options = Options.model_validate(target.options)
-    return [options.gptq_target] * (target.quant == "w4a16_gptq") + [options.onnx_target] * bool(options.onnx_target)
-
-
-def check(source, target) -> None:
-    check_options(target.quant, Options.model_validate(target.options))
-    if source.model_type not in ARCHITECTURES:
-        raise FormatError(f"TensorRT-LLM checkpoints are set up for {', '.join(ARCHITECTURES)}, not "
-                          f"{source.model_type!r}")  # fmt: skip
-    config = source.config()
-    if target.quant == "w4a16" and config["hidden_size"] % 2:
-        raise FormatError("w4a16 packs two values a byte: the hidden size must be even")
-
-
 def checkpoint_config(hf: dict, quant: str, group_size: int | None) -> CheckpointConfig:
     rope = hf.get("rope_parameters") or {}
     heads = hf["num_attention_heads"]
     scaling = hf.get("rope_scaling") or ({k: v for k, v in rope.items() if k != "rope_theta"}
                                          if rope.get("rope_type", "default") != "default" else None)  # fmt: skip
     return CheckpointConfig(
-        architecture=ARCHITECTURES[hf["model_type"]],
+        architecture=arch(hf["model_type"]).trtllm,
         dtype="bfloat16" if quant == "bf16" else "float16",
         vocab_size=hf["vocab_size"],
         max_position_embeddings=hf.get("max_position_embeddings"),
@@ -177,51 +146,6 @@ def checkpoint_config(hf: dict, quant: str, group_size: int | None) -> Checkpoin
         share_embedding_table=False,  # lm_head is written out even when tied: every builder path finds it
         tie_word_embeddings=bool(hf.get("tie_word_embeddings")),
     )
-
-
-def build(source, target, out_dir: Path, *, name: str, progress=None, calibration=None) -> dict[str, Any]:
-    import torch
-    from safetensors.torch import save_file
-
-    from pipeline.source import Checkpoint
-
-    options = Options.model_validate(target.options)
-    dtype = torch.bfloat16 if target.quant == "bf16" else torch.float16
-    hf = source.config()
-    gptq = _gptq_artifact(out_dir.parent, options.gptq_target) if target.quant == "w4a16_gptq" else None
-    group_size = gptq["config"]["group_size"] if gptq else None
-    config = checkpoint_config(hf, target.quant, group_size).model_dump(exclude_none=False)
-    config["weightsmith"] = {"weight_layout": "unprocessed" if target.quant in WEIGHT_BITS else "plain",
-                             "source": source.spec, "gptq_artifact": gptq["path"].name if gptq else None}  # fmt: skip
-    checkpoint = Checkpoint(gptq["path"] if gptq else source.path)
-    tensors = {}
-    for trt, hf_name in TOP.items():
-        tensors[trt] = checkpoint.tensor(hf_name).to(dtype)
-    lm_head = "lm_head.weight" if "lm_head.weight" in checkpoint.names() else "model.embed_tokens.weight"
-    tensors["lm_head.weight"] = checkpoint.tensor(lm_head).to(dtype)
-    for i in range(hf["num_hidden_layers"]):
-        prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
-        for trt, hf_name in NORMS.items():
-            tensors[f"{prefix}.{trt}.weight"] = checkpoint.tensor(f"{hf_prefix}.{hf_name}.weight").to(dtype)
-        for trt, members in LINEARS.items():
-            names = [f"{hf_prefix}.{m}" for m in members]
-            if gptq:
-                tensors.update(_gptq_linear(checkpoint, names, f"{prefix}.{trt}", gptq["config"], dtype))
-            else:
-                weight = torch.cat([checkpoint.tensor(f"{n}.weight") for n in names]).to(dtype)
-                tensors.update(linear_tensors(weight, f"{prefix}.{trt}", target.quant, dtype))
-            if f"{names[0]}.bias" in checkpoint.names():
-                tensors[f"{prefix}.{trt}.bias"] = torch.cat([checkpoint.tensor(f"{n}.bias") for n in names]).to(dtype)
-        if progress:
-            progress(i + 1, hf["num_hidden_layers"], "layers")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    for file in source.tokenizer_files:  # the engine's runner tokenizes with the source's files
-        if (source.path / file).is_file():
-            shutil.copy(source.path / file, out_dir / file)
-    return {"quant_algo": QUANT_ALGO[target.quant], "tensors": len(tensors), "weight_layout":
-            config["weightsmith"]["weight_layout"], "gptq_artifact": config["weightsmith"]["gptq_artifact"],
-            "steps": {"prepare": "ok"}}  # fmt: skip
 
 
 def linear_tensors(weight, prefix: str, quant: str, dtype) -> dict[str, Any]:
@@ -264,35 +188,8 @@ def unpack_int4(packed):
     return torch.where(values > 7, values - 16, values).to(torch.int8)
 
 
-def recipe_artifact(output_dir: Path, key: str, fmt: str, user: str) -> tuple[Path, dict[str, Any]]:
-    """The folder and manifest of the validated `fmt` artifact this recipe built for target `key`, which `user`
-    is made from."""
-    from pipeline.recipe import folder_of
-
-    kind, path = key.partition("/")[0], output_dir / folder_of(key)
-    file = path / "manifest.json"
-    manifest = json.loads(file.read_text(encoding="utf-8")) if file.is_file() else {}
-    if kind != fmt or manifest.get("status") != "ok":
-        raise FormatError(f"{user} is made from the {fmt.upper()} artifact of target {key}, which is "
-                          f"{manifest.get('status', 'missing')}: list {key} before this target in the recipe and let "
-                          f"it pass")  # fmt: skip
-    return path, manifest
-
-
-def onnx_artifact(output_dir: Path, key: str) -> Path:
-    """The fp16 standard ONNX artifact the plain TensorRT route builds from."""
-    path, manifest = recipe_artifact(output_dir, key, "onnx", "a plain TensorRT engine")
-    build = manifest.get("build") or {}
-    if (build.get("flavour"), build.get("precision")) != ("standard", "fp16"):
-        raise FormatError(f"{key} is a {build.get('flavour')} {build.get('precision')} ONNX export; plain TensorRT "
-                          f"needs the standard fp16 one: {{format: onnx, quant: fp16, options: {{flavour: "
-                          f"standard}}}}")  # fmt: skip
-    return path
-
-
-def _gptq_artifact(output_dir: Path, key: str) -> dict[str, Any]:
-    """The validated GPTQ artifact this recipe built for `key`, with its quantization config."""
-    path, _ = recipe_artifact(output_dir, key, "gptq", "w4a16_gptq")
+def gptq_artifact(path: Path, key: str) -> dict[str, Any]:
+    """The validated GPTQ artifact at `path` (target `key`) and its quantization config, if TensorRT-LLM takes it."""
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     if config["bits"] != 4:
         raise FormatError(f"{key} is a {config['bits']}-bit GPTQ artifact; w4a16_gptq needs 4 bits")
@@ -300,6 +197,17 @@ def _gptq_artifact(output_dir: Path, key: str) -> dict[str, Any]:
         raise FormatError(f"{key} uses act-order without static_groups: TensorRT-LLM's GPTQ kernels take no g_idx; "
                           f"quantize with static_groups: true")  # fmt: skip
     return {"path": path, "config": config}
+
+
+def onnx_artifact(path: Path, key: str) -> Path:
+    """The fp16 standard ONNX artifact at `path` (target `key`) the plain TensorRT route builds from."""
+    manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    build = manifest.get("build") or {}
+    if (build.get("flavour"), build.get("precision")) != ("standard", "fp16"):
+        raise FormatError(f"{key} is a {build.get('flavour')} {build.get('precision')} ONNX export; plain TensorRT "
+                          f"needs the standard fp16 one: {{format: onnx, quant: fp16, options: {{flavour: "
+                          f"standard}}}}")  # fmt: skip
+    return path
 
 
 def _gptq_linear(checkpoint, names: list[str], prefix: str, config: dict, dtype) -> dict[str, Any]:
@@ -361,26 +269,126 @@ def dequantize(tensors: dict, prefix: str, quantization: dict):
     return (q * tensors[f"{prefix}.per_channel_scale"].float()).T
 
 
-def smoke(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    """Validate the prepared checkpoint on any machine: mapped back into transformers, against the source."""
-    from pipeline.formats.gptq_runtime import TorchRuntime
-    from pipeline.validate import smoke_test
+class TensorRT(Format):
+    name = "tensorrt"
+    quants = ("fp16", "bf16", "w8a16", "w4a16", "w4a16_gptq")
+    extra = "tensorrt"  # not a pip extra: TensorRT-LLM comes from NVIDIA's package index (see the README)
+    library = "tensorrt-llm"
+    options_model = Options
+    hardware = {Step.BUILD: ("cpu", "cuda"), Step.VALIDATE: ("cpu", "cuda"), Step.ENGINE: ("cuda",)}
+    options: Options
 
-    model = _transformers_model(artifact_dir, reference)
-    return smoke_test(TorchRuntime(model, {"runtime": "transformers (TensorRT-LLM checkpoint mapped back)",
-                                           "device": "cpu"}), reference, validation)  # fmt: skip
+    @classmethod
+    def check_options(cls, quant: str, options: Options) -> None:
+        if options.max_input_len > options.max_seq_len:
+            raise FormatError(f"max_input_len {options.max_input_len} exceeds max_seq_len {options.max_seq_len}")
+        if options.onnx_target and quant != "fp16":
+            raise FormatError(f"plain TensorRT builds fp16 engines from the fp16 standard ONNX export; drop "
+                              f"onnx_target for {quant}, whose engine TensorRT-LLM builds")  # fmt: skip
+        if options.engine_route == "onnx" and not options.onnx_target:
+            raise FormatError("engine_route onnx needs onnx_target: the recipe's fp16 standard ONNX target, e.g. "
+                              "onnx/fp16 with options {flavour: standard}")  # fmt: skip
+        for key, kind in ((options.gptq_target if quant == "w4a16_gptq" else None, "gptq"),
+                          (options.onnx_target, "onnx")):  # fmt: skip
+            if key is not None and not key.startswith(f"{kind}/"):
+                raise FormatError(f"{key!r} is not a {kind} target (expected {kind}/<quant or name>)")
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        return (Step.BUILD, Step.VALIDATE, Step.ENGINE, Step.PUBLISH)
+
+    def depends_on(self) -> list[str]:
+        """w4a16_gptq is made from the recipe's GPTQ artifact, a plain TensorRT engine from its ONNX artifact."""
+        return [self.options.gptq_target] * (self.quant == "w4a16_gptq") + [self.options.onnx_target] * bool(
+            self.options.onnx_target
+        )
+
+    def check(self, source: SourceInfo) -> None:
+        refuse_unless(arch(source.model_type).trtllm is not None, "TensorRT-LLM", source.model_type, "trtllm",
+                      "weightsmith's checkpoint converter has no tensor map for it")  # fmt: skip
+        if self.quant == "w4a16" and source.config()["hidden_size"] % 2:
+            raise FormatError("w4a16 packs two values a byte: the hidden size must be even")
+
+    def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
+        import torch
+        from safetensors.torch import save_file
+
+        options, quant, progress = self.options, self.quant, ctx.progress
+        dtype = torch.bfloat16 if quant == "bf16" else torch.float16
+        hf = source.config()
+        gptq = gptq_artifact(ctx.inputs[options.gptq_target], options.gptq_target) if quant == "w4a16_gptq" else None
+        group_size = gptq["config"]["group_size"] if gptq else None
+        config = checkpoint_config(hf, quant, group_size).model_dump(exclude_none=False)
+        config["weightsmith"] = {"weight_layout": "unprocessed" if quant in WEIGHT_BITS else "plain",
+                                 "source": source.spec,
+                                 "gptq_artifact": gptq["path"].name if gptq else None}  # fmt: skip
+        checkpoint = Checkpoint(gptq["path"] if gptq else source.path)
+        tensors = {}
+        for trt, hf_name in TOP.items():
+            tensors[trt] = checkpoint.tensor(hf_name).to(dtype)
+        lm_head = "lm_head.weight" if "lm_head.weight" in checkpoint.names() else "model.embed_tokens.weight"
+        tensors["lm_head.weight"] = checkpoint.tensor(lm_head).to(dtype)
+        for i in range(hf["num_hidden_layers"]):
+            prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
+            for trt, hf_name in NORMS.items():
+                tensors[f"{prefix}.{trt}.weight"] = checkpoint.tensor(f"{hf_prefix}.{hf_name}.weight").to(dtype)
+            for trt, members in LINEARS.items():
+                names = [f"{hf_prefix}.{m}" for m in members]
+                if gptq:
+                    tensors.update(_gptq_linear(checkpoint, names, f"{prefix}.{trt}", gptq["config"], dtype))
+                else:
+                    weight = torch.cat([checkpoint.tensor(f"{n}.weight") for n in names]).to(dtype)
+                    tensors.update(linear_tensors(weight, f"{prefix}.{trt}", quant, dtype))
+                if f"{names[0]}.bias" in checkpoint.names():
+                    tensors[f"{prefix}.{trt}.bias"] = torch.cat([checkpoint.tensor(f"{n}.bias") for n in names]).to(
+                        dtype
+                    )
+            if progress:
+                progress(i + 1, hf["num_hidden_layers"], "layers")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        for file in source.tokenizer_files:  # the engine's runner tokenizes with the source's files
+            if (source.path / file).is_file():
+                shutil.copy(source.path / file, out_dir / file)
+        return {"quant_algo": QUANT_ALGO[quant], "tensors": len(tensors), "weight_layout":
+                config["weightsmith"]["weight_layout"], "gptq_artifact": config["weightsmith"]["gptq_artifact"],
+                "steps": {"prepare": "ok"}}  # fmt: skip
+
+    def open_runtime(self, artifact: Path, reference, validation: Validation):
+        """The prepared checkpoint mapped back into transformers: validated on any machine, against the source."""
+        from pipeline.runtimes.transformers import TorchRuntime
+
+        return TorchRuntime(
+            transformers_model(artifact, reference),
+            {"runtime": "transformers (TensorRT-LLM checkpoint mapped back)", "device": "cpu"},
+        )
+
+    def engine(self, artifact: Path, reference, validation: Validation, inputs) -> dict[str, Any]:
+        """Build and smoke-test the engine where a CUDA worker with TensorRT-LLM or TensorRT allows it, else say why."""
+        from pipeline.formats import tensorrt_engine
+
+        onnx: Path | str | None = None
+        if key := self.options.onnx_target:
+            try:
+                onnx = onnx_artifact(inputs[key], key) if key in inputs else f"{key} has no validated artifact"
+            except FormatError as exc:
+                onnx = str(exc)
+        return tensorrt_engine.build_and_smoke(artifact, self.options, self.quant, reference, validation, onnx)
+
+    def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
+        """A trtllm-serve script for the engine, with the build command in a comment."""
+        serve = ["trtllm-serve", "engine", "--tokenizer", ".", "--host", "127.0.0.1", "--port", "8000"]
+        build = ["trtllm-build", "--checkpoint_dir", ".", "--output_dir", "engine"]
+        return {
+            "trtllm-serve.sh": "# build the engine on the CUDA worker first (weightsmith does this when it can):\n"
+            + "# "
+            + shlex.join(build)
+            + "\n"
+            + handoff.script(serve)
+        }
 
 
-def engine(artifact_dir: Path, reference, validation) -> dict[str, Any]:
-    """Build and smoke-test the engine where a CUDA worker with TensorRT-LLM or TensorRT allows it, else say why not."""
-    from pipeline.formats import tensorrt_engine
-
-    entry = json.loads((artifact_dir / "manifest.json").read_text(encoding="utf-8"))["recipe_entry"]
-    options = Options.model_validate(entry.get("options") or {})
-    return tensorrt_engine.build_and_smoke(artifact_dir, options, entry["quant"], reference, validation)
-
-
-def _transformers_model(folder: Path, reference):
+def transformers_model(folder: Path, reference):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -9,7 +9,7 @@ The build applies TensorRT-LLM's own `preprocess_weights_for_mixed_gemm` to weig
 checkpoint keeps them unprocessed, see `pipeline.formats.tensorrt`), runs `trtllm-build`, and writes the engine and
 `engine.json` (versions, GPU, compute capability, build options, checkpoint and engine hashes) into
 `<artifact>/engine/`. The smoke test refuses an engine built for another GPU or TensorRT(-LLM) version, then runs
-it with TensorRT-LLM's `ModelRunner` (context logits for the quality figures, greedy generation for the prompts).
+it (`pipeline.runtimes.tensorrt_llm`, `pipeline.runtimes.tensorrt`).
 
 Status: this module has not yet run on a GPU in this project's sessions (none was lent so far); on CPU machines
 only `probe` and `route` run, and they are tested.
@@ -25,9 +25,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from pipeline.formats import engine_not_run
+from pipeline.files import file_sha256
+from pipeline.formats.base import engine_not_run
+from pipeline.formats.tensorrt_plain import INSTALL as INSTALL_TRT
+from pipeline.formats.tensorrt_plain import build_engine as build_plain_engine
+from pipeline.runtimes.tensorrt import runtime as plain_engine_runtime
+from pipeline.runtimes.tensorrt_llm import EngineRuntime, environment, installed
 
 INSTALL = "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvidia.com (on a CUDA machine)"
 MIN_CAPABILITY = (7, 5)
@@ -45,21 +48,8 @@ def probe(options, quant: str = "fp16") -> str | tuple[str, str]:
     return route(options, quant, installed())
 
 
-def installed() -> dict[str, str | None]:
-    """The versions of TensorRT-LLM and TensorRT importable here (None: not importable)."""
-    versions: dict[str, str | None] = {}
-    for module in ("tensorrt_llm", "tensorrt"):
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # ImportError, or a library that needs a driver this machine lacks
-            versions[module] = None
-    return versions
-
-
 def route(options, quant: str, versions: dict[str, str | None]) -> str | tuple[str, str]:
     """The engine builder for this target here, "tensorrt_llm" or "onnx", or (reason code, detail) why none."""
-    from pipeline.formats.tensorrt_plain import INSTALL as INSTALL_TRT
-
     llm, trt = versions.get("tensorrt_llm"), versions.get("tensorrt")
     if options.engine_route == "tensorrt_llm" or (options.engine_route == "auto" and (llm or not options.onnx_target)):
         if not llm:
@@ -77,10 +67,10 @@ def route(options, quant: str, versions: dict[str, str | None]) -> str | tuple[s
     return "onnx"
 
 
-def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validation) -> dict[str, Any]:
-    from pipeline.formats import FormatError, tensorrt_plain
-    from pipeline.formats.tensorrt import onnx_artifact
-
+def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validation,
+                    onnx_dir: Path | str | None) -> dict[str, Any]:  # fmt: skip
+    """Build the engine into `artifact_dir/engine` and run it against the reference; `onnx_dir` is the validated
+    fp16 standard ONNX artifact the plain route builds from (a string: why there is none)."""
     chosen = probe(options, quant)
     if isinstance(chosen, tuple):
         return engine_not_run(*chosen)
@@ -89,15 +79,13 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
         build = partial(build_engine, artifact_dir, engine_dir, options, here)
         runtime = partial(EngineRuntime, engine_dir, here)
     else:
-        try:
-            onnx_dir = onnx_artifact(artifact_dir.parent, options.onnx_target)
-        except FormatError as exc:
-            return engine_not_run("onnx_artifact_not_ready", str(exc))
+        if not isinstance(onnx_dir, Path):
+            return engine_not_run("onnx_artifact_not_ready", str(onnx_dir))
         if validation.context > options.max_input_len:
             return engine_not_run("profile_too_small", f"validation context {validation.context} exceeds "
                                   f"max_input_len {options.max_input_len}: raise max_input_len")  # fmt: skip
-        build = partial(tensorrt_plain.build_engine, onnx_dir, engine_dir, options, here)
-        runtime = partial(tensorrt_plain.runtime, engine_dir, onnx_dir, here)
+        build = partial(build_plain_engine, onnx_dir, engine_dir, options, here)
+        runtime = partial(plain_engine_runtime, engine_dir, onnx_dir, here)
     try:
         build_info = {"status": "ok", **build()}
     except Exception as exc:  # reported in the manifest; the checkpoint stays valid
@@ -113,32 +101,8 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
     return {"build": build_info, "smoke": smoke}
 
 
-def environment() -> dict[str, Any]:
-    """This worker's GPU and library versions, as an engine's engine.json records them."""
-    import torch
-
-    capability = torch.cuda.get_device_capability()
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
-    return {**installed(), "cuda_runtime": torch.version.cuda, "driver": driver, "gpu": torch.cuda.get_device_name(),
-            "compute_capability": f"{capability[0]}.{capability[1]}"}  # fmt: skip
-
-
-def refuse_foreign_engine(engine_dir: Path, here: dict[str, Any]) -> None:
-    """Raise unless the engine was built for this worker's GPU and the TensorRT(-LLM) version it has: engines are
-    bound to both."""
-    info = json.loads((engine_dir / "engine.json").read_text(encoding="utf-8"))
-    built = info["environment"]
-    keys = ("gpu", "compute_capability", "tensorrt") + (("tensorrt_llm",) if info.get("route") != "onnx" else ())
-    for key in keys:
-        if here.get(key) != built.get(key):
-            raise RuntimeError(f"engine built for {key} {built.get(key)}, this worker has {here.get(key)}: rebuild "
-                               f"it here")  # fmt: skip
-
-
 def build_engine(checkpoint_dir: Path, engine_dir: Path, options, here: dict[str, Any]) -> dict[str, Any]:
     from pipeline.artifacts import list_files
-    from pipeline.source import file_sha256
 
     config = json.loads((checkpoint_dir / "config.json").read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(dir=checkpoint_dir.parent) as tmp:
@@ -194,39 +158,3 @@ def _preprocess(source: Path, target: Path, config: dict) -> None:
                 tensors[name] = processed.view(activation) if algo == "W4A16_GPTQ" else processed
     save_file(tensors, target / "rank0.safetensors")
     (target / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
-class EngineRuntime:
-    """A built engine through TensorRT-LLM's ModelRunner, behind pipeline.validate's Runtime interface."""
-
-    def __init__(self, engine_dir: Path, here: dict[str, Any]):
-        """`here`: this worker's `environment()`."""
-        from tensorrt_llm.runtime import ModelRunner
-
-        refuse_foreign_engine(engine_dir, here)
-
-        self.runner = ModelRunner.from_dir(engine_dir=str(engine_dir), rank=0)
-        self.description = {"runtime": f"tensorrt-llm {here['tensorrt_llm']}", "device": here["gpu"], **here}
-
-    def _generate(self, ids: list[int], max_new_tokens: int, end_id: int):
-        import torch
-
-        return self.runner.generate([torch.tensor(ids, dtype=torch.int32)], max_new_tokens=max_new_tokens,
-                                    end_id=end_id, pad_id=end_id, temperature=1.0, top_k=1,
-                                    output_generation_logits=False, output_sequence_lengths=True,
-                                    return_dict=True)  # fmt: skip
-
-    def logits(self, ids: list[int]) -> np.ndarray:
-        out = self._generate(ids, 1, -1)
-        return out["context_logits"][0].float().cpu().numpy()
-
-    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: set[int]) -> list[int]:
-        out = self._generate(ids, max_new_tokens, min(stop_ids) if stop_ids else -1)
-        length = int(out["sequence_lengths"][0][0])
-        return out["output_ids"][0][0][len(ids) : length].tolist()
-
-    def tokenize(self, text: str) -> None:
-        return None
-
-    def chat_template(self) -> None:
-        return None

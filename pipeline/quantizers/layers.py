@@ -16,10 +16,9 @@ import re
 
 import torch
 
-from pipeline.source import Checkpoint
+from pipeline.checkpoint import Checkpoint
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-LINEAR_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BATCH = 8  # samples per forward pass
 
 
@@ -52,8 +51,11 @@ def gram(x: torch.Tensor) -> torch.Tensor:
 
 
 class LayerStream:
-    def __init__(self, source, samples: list[list[int]], compute_dtype: torch.dtype | None = None):
-        """`samples`: token ids of equal length."""
+    def __init__(self, source, samples: list[list[int]], linears: tuple[str, ...],
+                 compute_dtype: torch.dtype | None = None):  # fmt: skip
+        """`samples`: token ids of equal length; `linears`: the layer's linears to collect Hessians for, in
+        quantization order (the architecture row's `gptq_linears`)."""
+        self.order = linears
         self.dtype = compute_dtype or fast_dtype()
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -91,8 +93,8 @@ class LayerStream:
         return out[0] if isinstance(out, tuple) else out
 
     def linears(self, layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
-        found = [(n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
-        return sorted(found, key=lambda item: LINEAR_ORDER.index(item[0].split(".")[-1]))
+        modules = dict(layer.named_modules())
+        return [(name, modules[name]) for name in self.order]
 
     def collect(self, index: int):
         """Layer `index` (compute dtype), its float32 parameters, and its linears grouped by shared input (q/k/v read

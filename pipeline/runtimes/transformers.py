@@ -1,9 +1,11 @@
-"""Runtimes for the GPTQ smoke test: transformers' GPTQ loader with GPTQModel's kernels (the independent judge), a
-dequantizing fallback when gptqmodel is not installed, and round-to-nearest fake quantization as the floor."""
+"""Models in transformers: any torch causal LM behind the Runtime interface, and a GPTQ checkpoint loaded the way
+serving stacks load it (transformers' GPTQ loader with GPTQModel's kernels, the independent judge), with a
+dequantizing fallback when gptqmodel is not installed."""
 
 from __future__ import annotations
 
 import json
+import os
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -11,8 +13,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.runtimes.base import Runtime
 
-class TorchRuntime:
+
+class TorchRuntime(Runtime):
     """A causal LM as torch module, driven through pipeline.validate's Runtime interface."""
 
     def __init__(self, model, description: dict[str, Any]):
@@ -31,14 +35,11 @@ class TorchRuntime:
                                       pad_token_id=next(iter(stop_ids), 0))  # fmt: skip
         return out[0, len(ids) :].tolist()
 
-    def tokenize(self, text: str) -> None:
-        return None  # the artifact ships the source's tokenizer files unchanged
-
-    def chat_template(self) -> None:
-        return None
+    def close(self) -> None:
+        del self.model
 
 
-def open_runtime(path: Path) -> TorchRuntime:
+def open_gptq(path: Path) -> TorchRuntime:
     """transformers' own GPTQ loading (the path Xinference and others take), with GPTQModel's kernels: `torch` on
     CPU, which computes with the exact weights; the default GPU kernel on CUDA. Without gptqmodel: dequantizing."""
     try:
@@ -48,8 +49,6 @@ def open_runtime(path: Path) -> TorchRuntime:
 
 
 def _transformers_runtime(path: Path) -> TorchRuntime:
-    from pipeline.formats.gptq import cpu_workers
-
     cpu_workers()
     import gptqmodel  # noqa: F401  (transformers' GPTQ loading needs it and optimum; fail here, not half-way)
     import optimum  # noqa: F401
@@ -74,7 +73,7 @@ def _dequantized_runtime(path: Path) -> TorchRuntime:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from pipeline.gptq import from_checkpoint
+    from pipeline.quantizers.gptq import from_checkpoint
 
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     bits = config["quantization_config"]["bits"]
@@ -94,17 +93,6 @@ def _dequantized_runtime(path: Path) -> TorchRuntime:
                                        "validated_by": f"weightsmith's own dequantization: {why}"})  # fmt: skip
 
 
-def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
-    """The quality figures of round-to-nearest on the same source weights, bits, groups and text."""
-    from transformers import AutoModelForCausalLM
-
-    from pipeline.gptq import QuantSpec, rtn
-    from pipeline.validate import compare
-
-    spec = QuantSpec(bits=quantization["bits"], group_size=quantization["group_size"], sym=quantization["sym"])
-    model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
-                module.weight.data = rtn(module.weight.data, spec).dequantized
-    return compare(reference, TorchRuntime(model, {"runtime": "transformers (round-to-nearest)"}))
+def cpu_workers() -> None:
+    """GPTQModel refuses to start on 2 cores unless told how many CPU workers it may use."""
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(os.cpu_count() or 1))

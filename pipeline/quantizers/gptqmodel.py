@@ -13,8 +13,8 @@ def quantize_with_gptqmodel(source, spec, samples: list[list[int]], out_dir: Pat
     """Quantize into `out_dir`; return GPTQModel's own per-layer losses (from the log it writes)."""
     import torch
 
-    from pipeline.formats.gptq import cpu_workers
-    from pipeline.source import portable_config
+    from pipeline.checkpoint import portable_config
+    from pipeline.runtimes.transformers import cpu_workers
 
     cpu_workers()
     from gptqmodel import GPTQModel, QuantizeConfig

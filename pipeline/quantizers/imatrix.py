@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
 import numpy as np
-
-from pipeline.formats.gguf_arch import architecture, tensor_name
 
 log = logging.getLogger("weightsmith")
 
@@ -44,25 +43,14 @@ class ImportanceMatrix:
                 "dataset": self.dataset, "calibration_sha256": self.digest}  # fmt: skip
 
 
-_CACHE: dict[tuple, ImportanceMatrix] = {}
-
-
-def for_source(source, calibration) -> ImportanceMatrix:
-    """The importance matrix of a source on a calibration setting, computed once per process."""
-    key = (source.fingerprint, calibration.model_dump_json())
-    if key not in _CACHE:
-        _CACHE[key] = compute(source, calibration)
-    return _CACHE[key]
-
-
-def compute(source, calibration) -> ImportanceMatrix:
+def compute(source, calibration, name_of: Callable[[str], str | None]) -> ImportanceMatrix:
+    """The statistics of every linear whose weight `name_of` names (the quantized file's tensor name; None: skip)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from pipeline.corpus import calibration_samples, load_text, samples_digest
     from pipeline.source import load_tokenizer
 
-    arch = architecture(source.model_type)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
     samples = calibration_samples(tokenizer, load_text(calibration.text, "calibration"), calibration.samples,
@@ -84,7 +72,7 @@ def compute(source, calibration) -> ImportanceMatrix:
     handles = []
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            name = tensor_name(arch, f"{module_name}.weight")
+            name = name_of(f"{module_name}.weight")
             if name is not None and name != "output.weight":
                 handles.append(module.register_forward_pre_hook(collect(name)))
     log.info("importance matrix: %d samples of %d tokens from %s", len(samples), calibration.seq_len, calibration.text)

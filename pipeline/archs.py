@@ -1,0 +1,157 @@
+"""The architecture table: one row per Hugging Face `model_type`, holding what every format needs to know about it.
+
+Adding an architecture is adding a row (and a tiny-checkpoint test). Where the field's own libraries already hold the
+data, the row only names it: GGUF tensor names come from gguf-py's `TensorNameMap` for the row's `MODEL_ARCH` (the
+names llama.cpp's own converter writes), MLX model code from mlx-lm's module of the same `model_type`. What no
+library holds as data is spelled out here: the config keys llama.cpp's converter turns into GGUF metadata beyond the
+common ones, whether q/k rows are permuted for llama.cpp's rope, which linears our GPTQ layer stream quantizes.
+
+`matrix()` renders the architecture x format table that the README shows (tests check that the two agree).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# GGUFWriter method -> Hugging Face config keys, first one present wins (rope keys may sit in `rope_parameters`); a
+# trailing non-string value is the default when no key is present. What llama.cpp's converter writes for every
+# text model (`TextModel.set_gguf_parameters`).
+COMMON_HPARAMS: dict[str, tuple] = {
+    "add_context_length": ("max_position_embeddings",),
+    "add_embedding_length": ("hidden_size",),
+    "add_block_count": ("num_hidden_layers",),
+    "add_feed_forward_length": ("intermediate_size",),
+    "add_head_count": ("num_attention_heads",),
+    "add_head_count_kv": ("num_key_value_heads", "num_attention_heads"),
+    "add_layer_norm_rms_eps": ("rms_norm_eps",),
+    "add_key_length": ("head_dim",),
+    "add_value_length": ("head_dim",),
+    "add_rope_freq_base": ("rope_theta",),
+}
+
+# The linears of a Llama-style decoder layer, in the order the GPTQ layer stream quantizes them.
+DENSE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+                 "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What the formats need to know about one `model_type`. A field left at its default means "not supported"."""
+
+    gguf: str | None = None  # gguf-py MODEL_ARCH member (llama.cpp's architecture); None: no GGUF
+    gguf_hparams: dict[str, tuple] = field(default_factory=dict)  # metadata beyond COMMON_HPARAMS
+    permute_qk: bool = False  # llama.cpp's `llama`-style rope rotates interleaved pairs: permute q/k rows
+    norm_offset: float = 0.0  # RMSNorm weights stored as an offset from 1 (Gemma)
+    gguf_skip: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not read (a tied lm_head ...)
+    mlx: bool = False  # mlx-lm's module for this model_type loads the checkpoint as transformers saves it
+    gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
+    onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
+    onnx_genai: bool = False  # onnxruntime-genai's model builder handles it
+    trtllm: str | None = None  # TensorRT-LLM checkpoint architecture
+    moe: bool = False
+    features: tuple[str, ...] = ()  # what sets it apart, for the README matrix
+
+    @property
+    def gptq(self) -> bool:
+        return bool(self.gptq_linears)
+
+
+LLAMA = Arch(
+    gguf="LLAMA",
+    gguf_hparams={"add_vocab_size": ("vocab_size",), "add_rope_dimension_count": ("rope_dimensions",)},
+    permute_qk=True,
+    mlx=True,
+    gptq_linears=DENSE_LINEARS,
+    onnx_export=True,
+    onnx_genai=True,
+    trtllm="LlamaForCausalLM",
+)
+
+ARCHS: dict[str, Arch] = {
+    "llama": LLAMA,
+    "mistral": Arch(**{**LLAMA.__dict__, "trtllm": None}),  # llama.cpp runs Mistral (dense) as llama
+    "qwen2": Arch(
+        gguf="QWEN2",
+        mlx=True,
+        gptq_linears=DENSE_LINEARS,
+        onnx_export=True,
+        onnx_genai=True,
+        trtllm="Qwen2ForCausalLM",
+        features=("qkv bias",),
+    ),  # fmt: skip
+    "qwen3": Arch(
+        gguf="QWEN3", mlx=True, gptq_linears=DENSE_LINEARS, onnx_export=True, onnx_genai=True, features=("q/k norm",)
+    ),  # fmt: skip
+    "gemma2": Arch(
+        gguf="GEMMA2",
+        gguf_hparams={
+            "add_attn_logit_softcapping": ("attn_logit_softcapping",),
+            "add_final_logit_softcapping": ("final_logit_softcapping",),
+            "add_sliding_window": ("sliding_window",),
+        },
+        norm_offset=1.0,
+        gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
+        mlx=True,
+        onnx_export=True,
+        onnx_genai=True,
+        features=("sliding window", "soft-capping"),
+    ),
+    "phi3": Arch(
+        gguf="PHI3",
+        gguf_hparams={
+            "add_rope_dimension_count": ("rope_dimensions",),
+            "add_rope_scaling_orig_ctx_len": ("original_max_position_embeddings", "max_position_embeddings"),
+            "add_sliding_window": ("sliding_window", 0),
+        },
+        mlx=True,
+        onnx_export=True,
+        onnx_genai=True,
+        features=("fused qkv", "fused gate/up"),
+    ),
+    "olmo2": Arch(gguf="OLMO2", mlx=True, features=("q/k norm", "post-norm")),
+    "granite": Arch(
+        gguf="GRANITE",
+        gguf_hparams={
+            "add_attention_scale": ("attention_multiplier",),
+            "add_embedding_scale": ("embedding_multiplier",),
+            "add_residual_scale": ("residual_multiplier",),
+            "add_logit_scale": ("logits_scaling",),
+        },
+        permute_qk=True,
+        mlx=True,
+        features=("multipliers",),
+    ),
+}
+
+
+class UnknownArchitecture(KeyError):
+    pass
+
+
+def arch(model_type: str) -> Arch:
+    """The row of `model_type`; an empty row (nothing supported) for one the table does not know."""
+    return ARCHS.get(model_type, Arch())
+
+
+def supported(attribute: str) -> list[str]:
+    """The model types whose row supports `attribute` (a field of Arch that is truthy when supported)."""
+    return sorted(m for m, row in ARCHS.items() if getattr(row, attribute))
+
+
+MATRIX_COLUMNS = {"GGUF": "gguf", "MLX": "mlx", "GPTQ": "gptq", "ONNX standard": "onnx_export",
+                  "ONNX genai": "onnx_genai", "TensorRT-LLM": "trtllm"}  # fmt: skip
+
+
+def matrix() -> str:
+    """The architecture x format table, as the README shows it (markdown)."""
+    heads = ["model_type", *MATRIX_COLUMNS, "notes"]
+    lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    for model_type, row in ARCHS.items():
+        cells = ["yes" if getattr(row, attribute) else "-" for attribute in MATRIX_COLUMNS.values()]
+        notes = ", ".join((("MoE",) if row.moe else ()) + row.features) or "-"
+        lines.append("| " + " | ".join([f"`{model_type}`", *cells, notes]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(matrix())

@@ -1,0 +1,211 @@
+"""Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint, checked before it is trusted; and the
+config keys other readers need.
+
+Tensors are read with plain positioned reads rather than through a memory map: a mapped file's pages stay in the
+process's resident set once touched, so streaming a whole model through an mmap grows RSS to the model's size.
+Reading one tensor at a time keeps peak memory at about one tensor.
+
+Why our own reader (the `safetensors` package reads the same files): we need its checks to name the file, the tensor
+and the fix in one line, a short read to be an error rather than zeros, and the headers of every shard checked
+before a build starts. The layout is the safetensors specification: an 8-byte little-endian header length, a JSON
+header of dtype, shape and byte offsets per tensor (relative to the end of the header), then the data.
+Checks on open: the header length is within bounds and the file, the header is a JSON object, every entry's dtype is
+known and its byte span equals dtype size x shape, spans lie within the file and do not overlap; with an index file,
+its `weight_map` names exactly the tensors the shards hold, each in the shard that holds it. A read that comes up
+short (the file changed or was truncated since) raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+MAX_HEADER = 100 * 2**20  # the safetensors reference implementation refuses headers above 100 MB
+INDEX = "model.safetensors.index.json"
+
+DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
+    "BF16": ("bfloat16", 2),
+    "F16": ("float16", 2),
+    "F32": ("float32", 4),
+    "F64": ("float64", 8),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be trusted; the message names the file, what is wrong and the fix."""
+
+
+class Checkpoint:
+    """The tensors of every `*.safetensors` file in a folder, by name."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict[str, tuple[Path, int, dict]] = {}
+        for file in sorted(self.path.glob("*.safetensors")):
+            base, header = read_header(file)
+            for name, entry in header.items():
+                if name in self._entries:
+                    raise CheckpointError(f"{file.name}: tensor {name!r} is also in {self._entries[name][0].name}: "
+                                          f"the shards overlap; re-download the checkpoint")  # fmt: skip
+                self._entries[name] = (file, base, entry)
+        check_index(self.path, {name: entry[0].name for name, entry in self._entries.items()})
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def shard(self, name: str) -> Path:
+        return self._entries[name][0]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._entries[name][2]["shape"])
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def nbytes(self, name: str) -> int:
+        start, end = self._entries[name][2]["data_offsets"]
+        return end - start
+
+    def dtype(self, name: str) -> str:
+        return self._entries[name][2]["dtype"]
+
+    def dtype_summary(self) -> str:
+        counts: dict[str, int] = {}
+        for name in self._entries:
+            counts[self.dtype(name)] = counts.get(self.dtype(name), 0) + self.numel(name)
+        top = max(counts, key=counts.get) if counts else "unknown"
+        return DTYPES[top][0] if top in DTYPES else top.lower()
+
+    def tensor(self, name: str):
+        """One tensor, read from disk (a torch tensor in the stored dtype)."""
+        import torch
+
+        file, base, entry = self._entries[name]
+        start, end = entry["data_offsets"]
+        buffer = bytearray(end - start)
+        with open(file, "rb") as fh:
+            fh.seek(base + start)
+            got = fh.readinto(buffer)
+        if got != len(buffer):
+            raise CheckpointError(f"{file.name}: tensor {name!r} ends past the end of the file ({got} of "
+                                  f"{len(buffer)} bytes read): the file is truncated; re-download it")  # fmt: skip
+        dtype = getattr(torch, DTYPES[entry["dtype"]][0])
+        if not buffer:
+            return torch.empty(entry["shape"], dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
+def read_header(file: Path) -> tuple[int, dict[str, dict]]:
+    """(offset of the data, {tensor name: entry}) of one safetensors file, every entry checked against the file."""
+    size = os.path.getsize(file)
+    fix = "re-download or re-save the checkpoint"
+    if size < 8:
+        raise CheckpointError(f"{file.name}: {size} bytes, too short for a safetensors header: {fix}")
+    with open(file, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little")
+        if length > MAX_HEADER or 8 + length > size:
+            raise CheckpointError(f"{file.name}: header length {length} is beyond the file ({size} bytes) or the "
+                                  f"100 MB limit: not a safetensors file, or a damaged one; {fix}")  # fmt: skip
+        raw = fh.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file.name}: the header is not valid JSON ({exc}): {fix}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file.name}: the header is not a JSON object: {fix}")
+    header.pop("__metadata__", None)
+    base, spans = 8 + length, []
+    for name, entry in header.items():
+        spans.append((*_checked_span(file.name, name, entry, size - base), name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{file.name}: tensors {first!r} and {second!r} share bytes: the header is "
+                                  f"damaged; {fix}")  # fmt: skip
+    return base, header
+
+
+def _checked_span(file: str, name: str, entry, data_size: int) -> tuple[int, int]:
+    fix = "re-download or re-save the checkpoint"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{file}: entry {name!r} lacks dtype, shape or data_offsets: {fix}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in DTYPES:
+        raise CheckpointError(f"{file}: tensor {name!r} has dtype {dtype!r}, which weightsmith does not read "
+                              f"(dtypes: {', '.join(DTYPES)})")  # fmt: skip
+    valid_shape = isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+    valid_offsets = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not (valid_shape and valid_offsets) or not 0 <= offsets[0] <= offsets[1]:
+        raise CheckpointError(f"{file}: tensor {name!r} has an invalid shape or data_offsets: {fix}")
+    numel = 1
+    for d in shape:
+        numel *= d
+    if offsets[1] - offsets[0] != numel * DTYPES[dtype][1]:
+        raise CheckpointError(f"{file}: tensor {name!r} spans {offsets[1] - offsets[0]} bytes, but {dtype} x "
+                              f"{shape} needs {numel * DTYPES[dtype][1]}: the header is damaged; {fix}")  # fmt: skip
+    if offsets[1] > data_size:
+        raise CheckpointError(f"{file}: tensor {name!r} ends at byte {offsets[1]} of a {data_size}-byte data "
+                              f"section: the file is truncated; {fix}")  # fmt: skip
+    return offsets[0], offsets[1]
+
+
+def check_index(folder: Path, holder: dict[str, str]) -> None:
+    """The index's weight_map must name every tensor, each in the shard that holds it, and nothing else."""
+    path = folder / INDEX
+    if not path.is_file():
+        return
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError):
+        raise CheckpointError(f"{INDEX}: not valid JSON with a weight_map: re-download the checkpoint") from None
+    missing = sorted(set(weight_map) - set(holder))
+    unlisted = sorted(set(holder) - set(weight_map))
+    moved = sorted(n for n in set(weight_map) & set(holder) if weight_map[n] != holder[n])
+    for problem, names in (("names tensors no shard holds", missing), ("does not list tensors the shards hold",
+                           unlisted), ("puts tensors in another shard than the one holding them", moved)):  # fmt: skip
+        if names:
+            raise CheckpointError(f"{INDEX} {problem} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''}): a "
+                                  f"shard is missing or the index is stale; re-download the checkpoint")  # fmt: skip
+
+
+def portable_config(config: dict) -> dict:
+    """config.json as readers other than transformers 5 expect it. transformers 5 writes the rope settings only as
+    `rope_parameters` and the dtype only as `dtype`; transformers 4.x, mlx-lm and others read `rope_theta`,
+    `rope_scaling` and `torch_dtype`, and silently fall back to their own defaults (wrong logits, no error) when
+    those are missing. The new keys stay; the old ones are added where absent."""
+    out = dict(config)
+    rope = config.get("rope_parameters") or {}
+    if rope.get("rope_theta") is not None:
+        out.setdefault("rope_theta", rope["rope_theta"])
+    if "partial_rotary_factor" in rope:
+        out.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    kind = rope.get("rope_type", "default")
+    if kind != "default" and not out.get("rope_scaling"):
+        out["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": kind, "type": kind}
+    if config.get("dtype") is not None:
+        out.setdefault("torch_dtype", config["dtype"])
+    return out
+
+
+def portable_view(source: Path, shadow: Path) -> Path:
+    """A folder of links to the checkpoint's files whose config.json carries the portable keys (`portable_config`),
+    for tools that read the config themselves (mlx-lm, onnxruntime-genai's builder)."""
+    shadow.mkdir()
+    for item in source.iterdir():
+        if item.name != "config.json":
+            os.symlink(item.resolve(), shadow / item.name)
+    config = portable_config(json.loads((source / "config.json").read_text(encoding="utf-8")))
+    (shadow / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return shadow

@@ -1,0 +1,198 @@
+"""The contract every target format keeps, and the registry its subclasses join by being defined.
+
+A format is one module with one `Format` subclass. The class says, as data, its name, its quants, the pip extra of
+its runtime, the hardware each step runs on (preferred first) and the typed model of its options; its methods plan
+(`depends_on`, `missing_dependency`, `check`), build, open the artifact in its runtime for validation, and write the
+artifact's serving hand-off files. The plan (`pipeline.plan`) and the steps (`pipeline.convert`) only ever call
+these methods; nothing probes a format for what it has.
+
+Options are parsed once, when the format is made for a target (`Format.for_target`): into the format's own typed
+model, then checked against the quant (`check_options`). Errors name the key. Heavy runtime imports happen inside the
+methods, so the registry stays cheap to import (recipe validation does).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipeline.types import Calibration, FormatError, Hardware, Manifest, SourceInfo, Step, Target, Validation
+
+Progress = Callable[[int, int, str], None]
+
+
+class Options(BaseModel):
+    """Base of every format's options model: unknown keys are errors, values immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a build gets besides the source: the recipe's name (file names), calibration settings, the artifact
+    folders of the targets it is made from (by target key, see `Format.depends_on`) and a progress callback."""
+
+    name: str
+    calibration: Calibration = field(default_factory=Calibration)
+    inputs: Mapping[str, Path] = field(default_factory=dict)
+    progress: Progress | None = None
+
+
+class Format:
+    """One target format. Subclasses set the class attributes below and override the methods they need."""
+
+    name: ClassVar[str]  # the `format:` of a recipe target
+    quants: ClassVar[tuple[str, ...]]
+    extra: ClassVar[str]  # the pip extra that installs its runtime: pip install 'weightsmith[<extra>]'
+    library: ClassVar[str]  # the model card's `library_name` (Hugging Face hub conventions)
+    options_model: ClassVar[type[Options]] = Options
+    hardware: ClassVar[dict[Step, tuple[Hardware, ...]]]  # per step: the kinds it runs on, preferred first
+    registry: ClassVar[dict[str, type[Format]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in Format.registry:
+                raise TypeError(f"two formats named {cls.name!r}: {Format.registry[cls.name]} and {cls}")
+            Format.registry[cls.name] = cls
+
+    def __init__(self, target: Target, options: Options):
+        self.target, self.quant, self.options = target, target.quant, options
+
+    @classmethod
+    def for_target(cls, target: Target) -> Format:
+        """The format of `target`, its options parsed and checked; FormatError naming the key otherwise."""
+        fmt = cls.registry.get(target.format)
+        if fmt is None:
+            raise FormatError(f"unknown format {target.format!r} (formats: {', '.join(sorted(cls.registry))})")
+        if target.quant not in fmt.quants:
+            raise FormatError(f"{fmt.name} has no quant {target.quant!r} (quants: {', '.join(fmt.quants)})")
+        return fmt(target, fmt.parse_options(target.quant, target.options))
+
+    @classmethod
+    def parse_options(cls, quant: str, raw: Mapping[str, Any]) -> Any:
+        try:
+            options = cls.options_model.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                key = ".".join(str(p) for p in err["loc"])
+                if err["type"] == "extra_forbidden":
+                    problems.append(f"unknown option {key!r} (options: {', '.join(cls.options_model.model_fields)})")
+                else:
+                    problems.append(f"option {key!r}: {err['msg']}")
+            raise FormatError("; ".join(problems)) from None
+        cls.check_options(quant, options)
+        return options
+
+    @classmethod
+    def check_options(cls, quant: str, options: Any) -> None:
+        """Raise FormatError for options that do not fit the quant (checked when the recipe is loaded)."""
+
+    # planning
+
+    @property
+    def steps(self) -> tuple[Step, ...]:
+        """The steps of this target, in order."""
+        return (Step.BUILD, Step.VALIDATE, Step.PUBLISH)
+
+    def depends_on(self) -> list[str]:
+        """Keys of the recipe targets whose validated artifacts this one is made from."""
+        return []
+
+    def missing_dependency(self, step: Step) -> str | None:
+        """Why `step` cannot run in this environment (a missing package, named with its extra), or None."""
+        return None
+
+    def check(self, source: SourceInfo) -> None:
+        """Raise FormatError, before anything is written, when this target cannot be made from `source`."""
+
+    # building and validating
+
+    def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
+        """Write the artifact's files into `out_dir` (a staging folder); return facts for the manifest."""
+        raise NotImplementedError
+
+    def open_runtime(self, artifact: Path, reference: Any, validation: Validation) -> Any:
+        """The artifact loaded in its own runtime (a `pipeline.runtimes.base.Runtime`)."""
+        raise NotImplementedError
+
+    def validate(self, artifact: Path, reference: Any, validation: Validation) -> dict[str, Any]:
+        """Run the artifact against the reference: {"smoke", "quality", "failures"} (see pipeline.validate)."""
+        from pipeline.validate import smoke_test
+
+        runtime = self.open_runtime(artifact, reference, validation)
+        try:
+            return smoke_test(runtime, reference, validation, self.eval_tokens(runtime))
+        finally:
+            runtime.close()
+
+    def eval_tokens(self, runtime: Any) -> int | None:
+        """How many held-out tokens to score in this runtime (None: all the recipe asks for)."""
+        return None
+
+    def engine(self, artifact: Path, reference: Any, validation: Validation,
+               inputs: Mapping[str, Path]) -> dict[str, Any]:  # fmt: skip
+        """The ENGINE step of formats that list it in `steps`: {"build": {...}, "smoke": {...}}."""
+        raise NotImplementedError
+
+    # serving
+
+    def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
+        """Serving hand-off files for a validated artifact: {file name: text}. The model card is added by the caller."""
+        return {}
+
+
+def parse_size(value: Any) -> Any:
+    """'2G', '500M', '64K', '1000' (bytes, decimal units) -> int; anything else unchanged for pydantic to judge."""
+    if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", value.upper())):
+        return int(m.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[m.group(2)]
+    return value
+
+
+def engine_not_run(code: str, detail: str) -> dict[str, Any]:
+    """The outcome of an engine step that could not run: both its parts not_run, with the reason code."""
+    skipped = {"status": "not_run", "reason": code, "detail": detail}
+    return {"build": skipped, "smoke": dict(skipped)}
+
+
+def missing_modules(modules: list[str], extra: str) -> str | None:
+    """Why a step needing `modules` cannot run here (the first one that does not import), or None."""
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            return f"{module} is not installed: pip install 'weightsmith[{extra}]'"
+    return None
+
+
+def check_group_size(source: SourceInfo, group_size: int,
+                     quantized: Callable[[str], bool] = lambda name: name.endswith(".weight")) -> None:  # fmt: skip
+    """Raise FormatError unless `group_size` divides the input size of every 2-D tensor to be quantized: kernels and
+    converters either reject a ragged last group or, worse, silently leave the tensor unquantized."""
+    from pipeline.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(source.path)
+    widths = {checkpoint.shape(n)[-1] for n in checkpoint.names() if len(checkpoint.shape(n)) == 2 and quantized(n)}
+    for name in checkpoint.names():
+        shape = checkpoint.shape(name)
+        if len(shape) == 2 and quantized(name) and shape[-1] % group_size:
+            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+            raise FormatError(
+                f"group size {group_size} does not divide the input size {shape[-1]} of {name}; "
+                f"group sizes that fit every quantized tensor: {', '.join(map(str, fits)) or 'none'}"
+            )
+
+
+def refuse_unless(supported: bool, fmt: str, model_type: str, attribute: str, what: str) -> None:
+    """FormatError naming the architecture, the format and what would be needed, unless `supported`."""
+    if not supported:
+        from pipeline.archs import supported as supporting
+
+        raise FormatError(f"{fmt} does not support architecture {model_type!r}: {what} (supported: "
+                          f"{', '.join(supporting(attribute))})")  # fmt: skip

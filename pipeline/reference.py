@@ -1,0 +1,217 @@
+"""The reference every artifact is measured against: the source checkpoint run in transformers on the held-out text
+and the recipe's prompts, computed once and kept on disk.
+
+What is kept, per held-out position: the log-probability the source gives the true next token (for perplexity),
+and its `TOP_K` most likely tokens with their log-probabilities (for top-1 agreement and KL divergence). The rest of
+the distribution is kept as one number, the mass outside the top-k, so KL is computed over the top-k tokens plus one
+"everything else" bucket. That is a lower bound on the full-vocabulary KL that is exact whenever the top-k holds all
+the mass and, for the models here, agrees with it to well under the budgets' resolution; it keeps the reference at
+a few MB instead of positions x vocabulary floats (1.2 GB at 2048 tokens of a 150k vocabulary).
+
+The cache is keyed by the source's file hashes, the held-out text's contents, the validation settings, the dtype and
+this module's version, under `<cache>/references/`; every target and every rerun reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.corpus import bos_prefix, load_text
+from pipeline.files import cache_root, staging_dir, text_sha256
+from pipeline.source import load_tokenizer
+from pipeline.types import SourceInfo, Validation
+
+TOP_K = 512
+VERSION = 1  # bump when what is stored or how it is computed changes
+TOKENIZER_PROBE_SUFFIX = (
+    "\n\n  0. Numbers 1234567 and 3.14159;  spaces\t\ttabs\n"
+    "Émigré naïve café — “quotes” «guillemets» 日本語のテキスト Привет 🦙🚀 <b>html</b> x**2 + y_1 == z\n"
+)
+log = logging.getLogger("weightsmith")
+
+
+@dataclass
+class PromptCase:
+    prompt: str
+    rendered: str
+    ids: list[int]
+    expected: list[int]
+
+
+@dataclass
+class ChunkScores:
+    """The reference's predictions for positions 1..n-1 of one held-out chunk."""
+
+    target: np.ndarray  # float32 [n-1]: log-probability of the true next token
+    top_ids: np.ndarray  # int32 [n-1, k]: the k most likely next tokens, most likely first
+    top_logprobs: np.ndarray  # float32 [n-1, k]: their log-probabilities
+
+
+def score(logprobs: np.ndarray, chunk: list[int], k: int = TOP_K) -> ChunkScores:
+    """ChunkScores from full log-probabilities [n-1, vocab] of the predictions for `chunk`'s positions 1..n-1."""
+    k = min(k, logprobs.shape[-1])
+    top = np.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+    top_lp = np.take_along_axis(logprobs, top, -1)
+    order = np.argsort(-top_lp, axis=-1, kind="stable")
+    return ChunkScores(
+        target=logprobs[np.arange(len(chunk) - 1), chunk[1:]].astype(np.float32),
+        top_ids=np.take_along_axis(top, order, -1).astype(np.int32),
+        top_logprobs=np.take_along_axis(top_lp, order, -1).astype(np.float32),
+    )
+
+
+@dataclass
+class Reference:
+    chunks: list[list[int]]
+    scores: list[ChunkScores]
+    prompts: list[PromptCase]
+    probe_text: str
+    probe_ids: list[int]
+    stop_ids: set[int]
+    source: Path | None = None  # the checkpoint the reference ran, for runtimes that derive from it (RTN floor)
+    description: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None  # the source's Hugging Face tokenizer (loaded on first use)
+
+    def __post_init__(self) -> None:
+        if self.tokenizer is None and self.source is not None:
+            self.tokenizer = load_tokenizer(self.source)
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(-float(np.mean(np.concatenate([s.target for s in self.scores]))))
+
+    def save(self, folder: Path) -> None:
+        meta = {"chunks": self.chunks, "prompts": [p.__dict__ for p in self.prompts], "probe_text": self.probe_text,
+                "probe_ids": self.probe_ids, "stop_ids": sorted(self.stop_ids),
+                "description": self.description}  # fmt: skip
+        arrays = {}
+        for i, s in enumerate(self.scores):
+            arrays.update({f"target_{i}": s.target, f"top_ids_{i}": s.top_ids, f"top_logprobs_{i}": s.top_logprobs})
+        np.savez(folder / "scores.npz", **arrays)
+        (folder / "reference.json").write_text(json.dumps(meta), encoding="utf-8")
+
+
+def reference(source: SourceInfo, validation: Validation, dtype: str = "float32") -> Reference:
+    """The source model's outputs on the validation text and prompts, run in `dtype` ("auto": as stored); computed
+    once per source, text and settings, then read from the cache."""
+    held_out = load_text(validation.held_out, "held_out")
+    key = text_sha256(json.dumps({"source": source.fingerprint, "held_out": text_sha256(held_out), "dtype": dtype,
+                                  "validation": validation.model_dump(mode="json", exclude={"budgets"}),
+                                  "top_k": TOP_K, "version": VERSION}, sort_keys=True))  # fmt: skip
+    folder = cache_root() / "references" / key[:24]
+    if not (folder / "reference.json").is_file():
+        log.info("reference: running the source model in transformers (%s) on %d held-out tokens", dtype,
+                 validation.eval_tokens)  # fmt: skip
+        with staging_dir(folder) as tmp:
+            _compute(source, validation, dtype, held_out).save(tmp)
+    return load(folder, source.path)
+
+
+def load(folder: Path, source: Path) -> Reference:
+    meta = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
+    arrays = np.load(folder / "scores.npz")
+    scores = [ChunkScores(arrays[f"target_{i}"], arrays[f"top_ids_{i}"], arrays[f"top_logprobs_{i}"])
+              for i in range(len(meta["chunks"]))]  # fmt: skip
+    return Reference(
+        chunks=meta["chunks"],
+        scores=scores,
+        prompts=[PromptCase(**p) for p in meta["prompts"]],
+        probe_text=meta["probe_text"],
+        probe_ids=meta["probe_ids"],
+        stop_ids=set(meta["stop_ids"]),
+        source=source,
+        description=meta["description"],
+    )
+
+
+def _compute(source: SourceInfo, validation: Validation, dtype: str, held_out: str) -> Reference:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.utils.logging.disable_progress_bar()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tokenizer = load_tokenizer(source.path, source.trust_remote_code)
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            source.path,
+            dtype=dtype if dtype == "auto" else getattr(torch, dtype),
+            use_safetensors=True,
+            trust_remote_code=source.trust_remote_code,
+        )
+        .to(device)
+        .eval()
+    )
+    chunks = eval_chunks(tokenizer, held_out, validation.eval_tokens, validation.context)
+    stop_ids = _stop_ids(model, tokenizer)
+    scores = []
+    with torch.inference_mode():
+        for chunk in chunks:
+            logits = model(torch.tensor([chunk], device=device)).logits[0, :-1].float()
+            scores.append(score(torch.log_softmax(logits, -1).cpu().numpy(), chunk))
+        prompts = [_greedy_case(model, tokenizer, p, validation.max_new_tokens, stop_ids) for p in validation.prompts]
+    probe_text = held_out[:2000] + TOKENIZER_PROBE_SUFFIX
+    return Reference(
+        chunks=chunks,
+        scores=scores,
+        prompts=prompts,
+        probe_text=probe_text,
+        probe_ids=tokenizer(probe_text).input_ids,
+        stop_ids=stop_ids,
+        tokenizer=tokenizer,
+        description={
+            "runtime": f"transformers {transformers.__version__}",
+            "device": device,
+            "dtype": str(model.dtype).removeprefix("torch."),
+        },
+    )
+
+
+def _greedy_case(model, tokenizer, prompt: str, max_new_tokens: int, stop_ids: set[int]) -> PromptCase:
+    import torch
+
+    rendered = render_prompt(tokenizer, prompt)
+    ids = tokenizer(rendered, add_special_tokens=tokenizer.chat_template is None).input_ids
+    out = model.generate(
+        torch.tensor([ids], device=model.device),
+        attention_mask=torch.ones(1, len(ids), device=model.device, dtype=torch.long),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or next(iter(stop_ids), 0),
+    )
+    return PromptCase(prompt, rendered, ids, out[0, len(ids) :].tolist())
+
+
+def eval_chunks(tokenizer, text: str, n_tokens: int, context: int) -> list[list[int]]:
+    """Held-out token ids cut into independent contexts of `context` tokens (each starting with BOS when the
+    tokenizer adds one), `n_tokens` in all, rounded down to whole contexts (at least one)."""
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    bos = bos_prefix(tokenizer)
+    step = context - len(bos)
+    n_chunks = max(1, n_tokens // context)
+    if len(ids) < n_chunks * step:
+        raise ValueError(f"held-out text has {len(ids)} tokens; {n_chunks} chunks of {context} need {n_chunks * step}")
+    return [bos + ids[i * step : (i + 1) * step] for i in range(n_chunks)]
+
+
+def render_prompt(tokenizer, prompt: str) -> str:
+    if tokenizer.chat_template is None:
+        return prompt
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids

@@ -1,0 +1,195 @@
+"""The ground types every part of weightsmith speaks in. This module imports nothing of ours.
+
+- `Status`: the outcome of a step and of a target (the only place status words are spelled).
+- `Step`, `Hardware`: the steps of a plan and the hardware kinds they run on.
+- `SourceSpec`, `SourceInfo`: where a checkpoint comes from, and what it is.
+- `Target`: one artifact a recipe asks for (format, quant, options).
+- `Calibration`, `Validation`, `Budget`: the settings a target is built and judged with.
+- `FileEntry`, `Manifest`: an artifact folder's record of itself.
+- `FormatError`, `SourceError`: a target that a format cannot produce from a source, raised before anything is
+  written; a source that cannot be used.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+BUILTIN_CORPUS = "builtin:corpus"
+DEFAULT_PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
+MANIFEST = "manifest.json"
+
+
+class Status(str, Enum):
+    """What became of a step, or of a target once its steps ran."""
+
+    BUILT = "built"  # files complete, not yet validated
+    OK = "ok"  # validated, within budget
+    FAILED = "failed"  # with a reason; the numbers that failed are kept
+    NOT_RUN = "not_run"  # a step that cannot run here (missing hardware or package), with the reason
+    REFUSED = "refused"  # the format cannot take this source (architecture, shape), said before anything is written
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Step(str, Enum):
+    """The steps of one target, in the order a plan runs them."""
+
+    BUILD = "build"  # write the artifact into a staging folder
+    VALIDATE = "validate"  # run it in its own runtime against the source
+    ENGINE = "engine"  # a further build and run on other hardware (TensorRT engines)
+    PUBLISH = "publish"  # move the validated artifact into place
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Hardware = Literal["cpu", "cuda", "apple"]
+HARDWARE_KINDS: tuple[Hardware, ...] = ("cpu", "cuda", "apple")
+
+
+class FormatError(ValueError):
+    """A target that this format cannot produce from this source; raised before any output is written."""
+
+
+class SourceError(ValueError):
+    """The source cannot be used; the message says why and what to do."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceSpec(Strict):
+    """Where the checkpoint comes from: `bundled:NAME`, a local folder, or a hub id (with an optional revision)."""
+
+    id: str = Field(min_length=1)
+    revision: str | None = None
+
+
+def folder_of(key: str) -> str:
+    """The artifact folder of the target named `key` (`gguf/q8_0` -> `gguf-q8_0`)."""
+    return key.replace("/", "-", 1)
+
+
+class Target(Strict):
+    format: str
+    quant: str
+    name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # tells apart two of one quant
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """The target's name in budgets, logs and summaries: `gguf/q8_0`."""
+        return f"{self.format}/{self.name or self.quant}"
+
+    @property
+    def folder(self) -> str:
+        """The artifact folder's name: `gguf-q8_0`."""
+        return folder_of(self.key)
+
+
+class Calibration(Strict):
+    text: str = BUILTIN_CORPUS
+    samples: int = Field(default=32, ge=1)
+    seq_len: int = Field(default=512, ge=16)
+    seed: int = 0
+
+
+class Budget(Strict):
+    """Quality limits for one target; a measured figure outside any of them fails the target."""
+
+    max_ppl_ratio: float | None = Field(default=None, ge=1.0)
+    min_top1: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_kl_mean: float | None = Field(default=None, ge=0.0)
+    exact_tokenizer: bool = True  # the artifact's own tokenizer must give the source's ids on the probe text
+
+
+class Validation(Strict):
+    prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS), min_length=1)
+    held_out: str = BUILTIN_CORPUS
+    eval_tokens: int = Field(default=2048, ge=32)
+    context: int = Field(default=512, ge=16)
+    max_new_tokens: int = Field(default=24, ge=1)
+    budgets: dict[str, Budget] = Field(default_factory=dict)
+
+
+class SourceInfo(BaseModel):
+    """A resolved checkpoint: where it is on disk and what it holds."""
+
+    spec: str
+    kind: Literal["bundled", "local", "hub"]
+    path: Path
+    revision: str | None
+    fingerprint: str
+    files: dict[str, str]
+    model_type: str
+    architecture: str
+    dtype: str
+    n_params: int
+    shards: list[str]
+    tied_embeddings: bool
+    tokenizer_files: list[str]
+    chat_template: str | None
+    trust_remote_code: bool = False
+
+    def config(self) -> dict:
+        return json.loads((self.path / "config.json").read_text(encoding="utf-8"))
+
+    def describe(self) -> dict:
+        """What a manifest records about the source."""
+        return self.model_dump(mode="json")
+
+
+class FileEntry(BaseModel):
+    path: str
+    size: int
+    sha256: str
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Manifest(BaseModel):
+    """An artifact folder's `manifest.json`: what it is, what it was made from, how it was judged."""
+
+    schema_version: int = 1
+    model: str
+    target: str
+    format: str
+    quant: str
+    status: Status
+    reason: str | None = None
+    steps: dict[Step, Status] = Field(default_factory=dict)  # the outcome of each step that ran
+    files: list[FileEntry] = Field(default_factory=list)
+    source: dict[str, Any] = Field(default_factory=dict)
+    recipe_entry: dict[str, Any] = Field(default_factory=dict)
+    budget: dict[str, Any] | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    built_on: dict[str, Any] | None = None
+    validated_on: dict[str, Any] | None = None
+    build: dict[str, Any] = Field(default_factory=dict)
+    smoke: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None
+    handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
+    inputs: str | None = None  # hash of what the artifact was made from (see pipeline.plan.target_inputs)
+    resumed: bool = Field(default=False, exclude=True)  # this run found it complete and up to date (not stored)
+    timings: dict[str, float] = Field(default_factory=dict)
+    created_at: str = Field(default_factory=now)
+    updated_at: str = Field(default_factory=now)
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def with_step(self, step: Step, status: Status, reason: str | None = None, **updates: Any) -> Manifest:
+        """This manifest after `step` ended in `status`: the target's status follows, a reason is kept."""
+        return self.model_copy(update={**updates, "steps": {**self.steps, step: status}, "status": status,
+                                       "reason": reason})  # fmt: skip
