@@ -192,6 +192,34 @@ def tiny_llama_spm(tmp_path_factory, spm_tokenizer_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-llama-spm"), "llama", spm_tokenizer_dir, vocab_size=512)
 
 
+def build_artifact(source_dir: Path, target, out: Path, **context):
+    """Check and build `target` (a Target, or (format, quant[, options])) from the checkpoint at `source_dir` into
+    `out`, as the build step does; return (format, source, build facts)."""
+    from pipeline.formats.base import BuildContext, Format
+    from pipeline.source import inspect_checkpoint
+    from pipeline.types import Target
+
+    if not isinstance(target, Target):
+        target = Target(format=target[0], quant=target[1], options=target[2] if len(target) > 2 else {})
+    source = inspect_checkpoint(source_dir)
+    fmt = Format.for_target(target)
+    fmt.check(source)
+    return fmt, source, fmt.build(source, out, BuildContext(name=context.pop("name", "tiny"), **context))
+
+
+def run_target(recipe, source, key: str, steps=None, force: bool = False):
+    """Run the plan's steps of target `key` (all of them, or those named in `steps`) as a run does; return its
+    manifest after the last one."""
+    from pipeline.convert import run_step, should_run
+    from pipeline.plan import make_plan
+
+    plan, current = make_plan(recipe.select([key])), None
+    for planned in plan.steps:
+        if planned.key == key and (steps is None or planned.step in steps) and should_run(planned, current):
+            current = run_step(recipe, source, plan, planned, current, {}, force)
+    return current
+
+
 def write_recipe(folder: Path, source: Path | str, targets: list[tuple[str, str]], **validation) -> Path:
     """A recipe file converting `source` into `targets`, with its output under `folder`."""
     import yaml

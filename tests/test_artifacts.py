@@ -10,10 +10,12 @@ import textwrap
 
 import pytest
 
-from pipeline.artifacts import read_manifest, staging_dir, verify_files
-from pipeline.convert import build_target, prepare
+from pipeline.artifacts import candidate_dir, read_manifest, verify_files
+from pipeline.convert import prepare
+from pipeline.files import staging_dir
 from pipeline.recipe import load_recipe
-from tests.conftest import write_recipe
+from pipeline.types import Status, Step
+from tests.conftest import run_target, write_recipe
 
 
 def test_staging_dir_is_all_or_nothing(tmp_path):
@@ -40,8 +42,9 @@ def test_staging_dir_is_all_or_nothing(tmp_path):
 KILLED_BUILD = textwrap.dedent("""
     import sys, time
     import pipeline.formats.gguf as gguf_format
-    from pipeline.convert import build_target, prepare
+    from pipeline.convert import prepare
     from pipeline.recipe import load_recipe
+    from tests.conftest import run_target
 
     convert_tensor = gguf_format.convert_tensor
 
@@ -53,7 +56,7 @@ KILLED_BUILD = textwrap.dedent("""
 
     gguf_format.convert_tensor = slowly
     recipe = load_recipe(sys.argv[1])
-    build_target(recipe, prepare(recipe), recipe.targets[0])
+    run_target(recipe, prepare(recipe), recipe.targets[0].key, force=True)
     print("FINISHED", flush=True)
 """)
 
@@ -79,17 +82,20 @@ def test_kill_mid_write_leaves_nothing_that_looks_complete(tiny_llama, tmp_path)
     model_dir = recipe.output_dir()
 
     kill_mid_build(tmp_path / "recipe.yaml", repo_root)
-    assert not (model_dir / "gguf-f16").exists()
+    assert not (model_dir / "gguf-f16").exists() and not candidate_dir(model_dir / "gguf-f16").exists()
     partial = [p for p in model_dir.iterdir() if ".partial-" in p.name]
-    assert len(partial) == 1 and partial[0].name.startswith(".gguf-f16.partial-")
+    assert len(partial) == 1 and partial[0].name.startswith("..gguf-f16.candidate.partial-")
     assert list(partial[0].glob("*.gguf")) and not (partial[0] / "manifest.json").exists()
 
     source = prepare(recipe)  # the next run clears what the killed one left
     assert [p.name for p in model_dir.iterdir()] == []
-    manifest = build_target(recipe, source, recipe.targets[0])
-    assert manifest.status == "built" and verify_files(model_dir / "gguf-f16", manifest) == []
+    built = run_target(recipe, source, "gguf/f16", [Step.BUILD])
+    assert built.status == Status.BUILT and verify_files(candidate_dir(model_dir / "gguf-f16"), built) == []
+    assert not (model_dir / "gguf-f16").exists()  # built is not published: it has not been validated yet
+    manifest = run_target(recipe, source, "gguf/f16")
+    assert manifest.status == Status.OK and read_manifest(model_dir / "gguf-f16") == manifest
 
-    kill_mid_build(tmp_path / "recipe.yaml", repo_root)  # a killed rebuild keeps the previous artifact intact
+    kill_mid_build(tmp_path / "recipe.yaml", repo_root)  # a killed rebuild keeps the published artifact intact
     kept = read_manifest(model_dir / "gguf-f16")
     assert kept == manifest and verify_files(model_dir / "gguf-f16", kept) == []
 
@@ -97,9 +103,9 @@ def test_kill_mid_write_leaves_nothing_that_looks_complete(tiny_llama, tmp_path)
 def test_manifest_records_files_source_and_machine(tiny_llama, tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gguf", "q8_0")]))
     source = prepare(recipe)
-    manifest = build_target(recipe, source, recipe.targets[0])
-    folder = recipe.output_dir() / "gguf-q8_0"
-    assert read_manifest(folder) == manifest
+    manifest = run_target(recipe, source, "gguf/q8_0", [Step.BUILD])
+    folder = candidate_dir(recipe.output_dir() / "gguf-q8_0")
+    assert read_manifest(folder) == manifest and manifest.steps == {Step.BUILD: Status.BUILT}
     (entry,) = manifest.files
     assert entry.path == "test-model-Q8_0.gguf" and entry.size == (folder / entry.path).stat().st_size
     assert manifest.source["fingerprint"] == source.fingerprint and manifest.source["files"]["model.safetensors"]

@@ -13,12 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.formats import FormatError
 from pipeline.formats import gguf as gguf_format
+from pipeline.formats.base import Format
 from pipeline.formats.gguf_arch import permute_qk
-from pipeline.recipe import Calibration, Target
+from pipeline.reference import TOKENIZER_PROBE_SUFFIX
+from pipeline.runtimes.llama_cpp import LlamaCppRuntime
 from pipeline.source import inspect_checkpoint, load_tokenizer
-from pipeline.validate import TOKENIZER_PROBE_SUFFIX
+from pipeline.types import Calibration, FormatError, Target
+from tests.conftest import build_artifact
 
 _BUILT: dict[tuple, Path] = {}
 
@@ -40,11 +42,9 @@ def build(models, tmp_path_factory):
     def _build(model: str, quant: str, **options) -> Path:
         key = (model, quant, tuple(sorted(options.items())))
         if key not in _BUILT:
-            source = inspect_checkpoint(models[model])
-            target = Target(format="gguf", quant=quant, options=options)
             out = tmp_path_factory.mktemp(f"{model}-{quant}")
-            gguf_format.check(source, target)
-            info = gguf_format.build(source, target, out, name="tiny", calibration=Calibration(samples=8, seq_len=128))
+            _, _, info = build_artifact(models[model], ("gguf", quant, options), out,
+                                        calibration=Calibration(samples=8, seq_len=128))  # fmt: skip
             _BUILT[key] = out / info["file"]
         return _BUILT[key]
 
@@ -57,7 +57,7 @@ def expected_tensors(model_dir: Path) -> dict[str, np.ndarray]:
     from pipeline.formats.gguf_arch import architecture, tensor_name
 
     config = json.loads((model_dir / "config.json").read_text())
-    arch = architecture(config["model_type"])
+    arch = architecture(config["model_type"], config)
     out = {}
     for name, tensor in load_file(model_dir / "model.safetensors").items():
         gguf_name = tensor_name(arch, name)
@@ -201,8 +201,6 @@ def test_metadata_llama_cpp_needs(build, models, model, arch):
 
 
 def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    from pipeline.formats.gguf import LlamaCppRuntime
-
     runtime = LlamaCppRuntime(path, n_ctx=256)
     try:
         return runtime.logits(ids)
@@ -228,7 +226,6 @@ def test_llama_cpp_logits_match_transformers(build, models, model):
 @pytest.mark.parametrize("model", ["llama", "llama-spm"])
 def test_gguf_tokenizer_gives_hf_ids(build, models, model):
     from pipeline.corpus import load_text
-    from pipeline.formats.gguf import LlamaCppRuntime
 
     text = load_text("builtin:corpus", "held_out")[:3000] + TOKENIZER_PROBE_SUFFIX
     runtime = LlamaCppRuntime(build(model, "f16"), n_ctx=64)
@@ -246,9 +243,9 @@ def test_unknown_architecture_fails_before_writing(models, tmp_path):
     shutil.copytree(models["llama"], folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
-    supported = "gemma2, llama, mistral, phi3, qwen2, qwen3"
-    with pytest.raises(FormatError, match=rf"does not support architecture 'gpt_neox' \(supported: {supported}\)"):
-        gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))
+    supported = "gemma2, granite, llama, mistral, olmo2, phi3, qwen2, qwen3"
+    with pytest.raises(FormatError, match=rf"does not support architecture 'gpt_neox'.*\(supported: {supported}\)"):
+        Format.for_target(Target(format="gguf", quant="f16")).check(inspect_checkpoint(folder))
 
 
 def test_unknown_pre_tokenizer_is_an_error_with_its_hash(models, tmp_path):
@@ -263,4 +260,4 @@ def test_unknown_pre_tokenizer_is_an_error_with_its_hash(models, tmp_path):
     }
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(FormatError, match=r"unknown BPE pre-tokenizer \(probe hash [0-9a-f]{64}\)"):
-        gguf_format.check(inspect_checkpoint(folder), Target(format="gguf", quant="f16"))
+        Format.for_target(Target(format="gguf", quant="f16")).check(inspect_checkpoint(folder))

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from pipeline.formats import gguf as gguf_format
-from pipeline.formats import gguf_imatrix
-from pipeline.formats.gguf import LlamaCppRuntime
-from pipeline.recipe import Calibration, Target
+from pipeline.quantizers import imatrix as gguf_imatrix
+from pipeline.runtimes.llama_cpp import LlamaCppRuntime
+from pipeline.types import Calibration
+from tests.conftest import build_artifact
 from pipeline.source import inspect_checkpoint, load_tokenizer
 from tests.test_gguf import ggml_quantize
 
@@ -35,13 +36,18 @@ def build(source, tmp_path_factory):
         key = (quant, tuple(sorted(options.items())))
         if key not in _BUILT:
             out = tmp_path_factory.mktemp(quant)
-            target = Target(format="gguf", quant=quant, options=options)
-            gguf_format.check(source, target)
-            info = gguf_format.build(source, target, out, name="tiny", calibration=CALIBRATION)
+            _, _, info = build_artifact(source.path, ("gguf", quant, options), out, calibration=CALIBRATION)
             _BUILT[key] = (out, info)
         return _BUILT[key]
 
     return _build
+
+
+def compute_imatrix(source):
+    from pipeline.formats.gguf_arch import architecture, tensor_name
+
+    arch = architecture(source.model_type, source.config())
+    return gguf_imatrix.compute(source, CALIBRATION, lambda name: tensor_name(arch, name))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def test_imatrix_is_the_mean_square_of_each_linear_input(source):
 
     from pipeline.corpus import calibration_samples, load_text
 
-    imatrix = gguf_imatrix.compute(source, CALIBRATION)
+    imatrix = compute_imatrix(source)
     assert len(imatrix.sums) == 2 * 7 and "output.weight" not in imatrix.sums  # 7 matrices per layer, no output
     samples = calibration_samples(load_tokenizer(source.path), load_text("builtin:corpus", "calibration"), 8, 128, 0)
     model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32).eval()
@@ -131,7 +137,7 @@ def test_imatrix_file_round_trips_in_llama_cpp_layout(build, source):
     assert reader.get_field("general.type").contents() == "imatrix"
     assert reader.get_field("imatrix.chunk_count").contents() == 8
     assert reader.get_field("imatrix.chunk_size").contents() == 128
-    again, computed = gguf_imatrix.read(folder / "imatrix.gguf"), gguf_imatrix.for_source(source, CALIBRATION)
+    again, computed = gguf_imatrix.read(folder / "imatrix.gguf"), compute_imatrix(source)
     assert again.counts == computed.counts
     for name, sums in computed.sums.items():
         np.testing.assert_array_equal(again.sums[name], sums)

@@ -8,11 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import gptq as G
-from pipeline.formats import FormatError
 from pipeline.formats import gptq as gptq_format
-from pipeline.recipe import Calibration, Target, Validation
+from pipeline.formats.base import Format
+from pipeline.quantizers import gptq as G
+from pipeline.runtimes.transformers import cpu_workers, open_gptq
 from pipeline.source import inspect_checkpoint
+from pipeline.types import Calibration, FormatError, Target, Validation
+from tests.conftest import build_artifact
 
 CALIBRATION = Calibration(samples=8, seq_len=128)
 _BUILT: dict = {}
@@ -77,11 +79,10 @@ def build(tiny_model, tmp_path_factory):
     def _build(quant="int4", model="llama", **options):
         key = (quant, model, tuple(sorted(options.items())))
         if key not in _BUILT:
-            source = inspect_checkpoint(tiny_model(model))
-            target = Target(format="gptq", quant=quant, options=options)
-            gptq_format.check(source, target)
             out = tmp_path_factory.mktemp(f"gptq-{quant}")
-            _BUILT[key] = (out, gptq_format.build(source, target, out, name="tiny", calibration=CALIBRATION), source)
+            fmt, source, facts = build_artifact(tiny_model(model), ("gptq", quant, options), out,
+                                                calibration=CALIBRATION)  # fmt: skip
+            _BUILT[key] = (out, facts, source)
         return _BUILT[key]
 
     return _build
@@ -127,13 +128,13 @@ def cosine(a, b):
 def test_gptqmodel_and_transformers_load_it_and_agree_with_our_dequantization(build):
     from gptqmodel import BACKEND, GPTQModel
 
-    from pipeline.formats.gptq_runtime import _dequantized_runtime, open_runtime
+    from pipeline.runtimes.transformers import _dequantized_runtime
 
-    gptq_format.cpu_workers()
+    cpu_workers()
     folder, _, _ = build(group_size=32, desc_act=True, static_groups=True)
     ids = list(range(100, 140))
     ours = _dequantized_runtime(folder).logits(ids)
-    runtime = open_runtime(folder)  # transformers' from_pretrained with GPTQModel's exact torch kernel
+    runtime = open_gptq(folder)  # transformers' from_pretrained with GPTQModel's exact torch kernel
     assert runtime.description["validated_by"].startswith("transformers") and "TorchLinear" in runtime.description[
         "runtime"]  # fmt: skip
     tensors, checked = load_file(folder / "model.safetensors"), 0
@@ -153,11 +154,12 @@ def test_gptqmodel_and_transformers_load_it_and_agree_with_our_dequantization(bu
 
 
 def test_smoke_uses_gptqmodel_and_records_the_rtn_floor(build):
-    from pipeline.validate import reference
+    from pipeline.reference import reference
 
     folder, _, source = build(group_size=32, desc_act=True, static_groups=True)
     validation = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
-    result = gptq_format.smoke(folder, reference(source, validation), validation)
+    fmt = Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 32}))
+    result = fmt.validate(folder, reference(source, validation), validation)
     assert "gptqmodel" in result["smoke"]["validated_by"] and result["failures"] == []
     quality = result["quality"]
     assert quality["rtn_ppl_ratio"] > 0 and result["smoke"]["generation"]["cases"][0]["tokens"] == 6
@@ -166,11 +168,9 @@ def test_smoke_uses_gptqmodel_and_records_the_rtn_floor(build):
 def test_without_gptqmodel_the_check_says_it_dequantized(build, monkeypatch):
     import sys
 
-    from pipeline.formats.gptq_runtime import open_runtime
-
     folder, _, _ = build(group_size=32, desc_act=True, static_groups=True)
     monkeypatch.setitem(sys.modules, "gptqmodel", None)
-    runtime = open_runtime(folder)
+    runtime = open_gptq(folder)
     assert runtime.description["validated_by"].startswith("weightsmith's own dequantization")
 
 
@@ -193,7 +193,7 @@ def test_group_size_must_divide_every_quantized_input(tiny_model):
         r"group sizes that fit every quantized tensor: 32, 64"
     )
     with pytest.raises(FormatError, match=expected):
-        gptq_format.check(source, Target(format="gptq", quant="int4", options={"group_size": 128}))
+        Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 128})).check(source)
 
 
 def test_a_gptq_no_better_than_rtn_fails():

@@ -9,10 +9,12 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.formats import FormatError
-from pipeline.formats import mlx as mlx_format
-from pipeline.recipe import Target
+from pipeline.formats.base import Format
+from pipeline.recipe import RecipeTarget as Target
+from pipeline.runtimes.mlx import MlxRuntime, backend
 from pipeline.source import inspect_checkpoint, load_tokenizer
+from pipeline.types import FormatError
+from tests.conftest import build_artifact
 from tests.conftest import make_tiny_model
 
 mx = pytest.importorskip("mlx.core", reason="MLX is an optional extra: pip install 'weightsmith[mlx]'")
@@ -29,12 +31,9 @@ def models(tiny_model, tmp_path_factory, smollm2_dir):
 
 
 def convert(source_dir, tmp_path, quant, **options):
-    target = Target(format="mlx", quant=quant, options=options)
-    source = inspect_checkpoint(source_dir)
-    mlx_format.check(source, target)
     out = tmp_path / f"mlx-{quant}"
     out.mkdir()
-    return out, mlx_format.build(source, target, out, name="tiny")
+    return out, build_artifact(source_dir, ("mlx", quant, options), out)[2]
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3"])
@@ -46,7 +45,7 @@ def test_unquantized_logits_match_transformers(models, tmp_path, model):
     ids = load_tokenizer(models[model])(TEXT).input_ids
     with torch.inference_mode():
         want = AutoModelForCausalLM.from_pretrained(models[model], dtype=torch.float32)(torch.tensor([ids])).logits[0]
-    runtime = mlx_format.MlxRuntime(folder)
+    runtime = MlxRuntime(folder)
     got = runtime.logits(ids)
     np.testing.assert_allclose(got, want.numpy(), atol=2e-3 * float(want.abs().max()), rtol=0)
     assert (got.argmax(-1) == want.numpy().argmax(-1)).all()
@@ -94,18 +93,19 @@ def test_mixed_recipe_gives_more_bits_to_sensitive_layers(models, tmp_path):
 
 
 def smoke(source_dir, folder):
-    from pipeline.recipe import Validation
-    from pipeline.validate import reference
+    from pipeline.reference import reference
+    from pipeline.types import Validation
 
     validation = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
-    return mlx_format.smoke(folder, reference(inspect_checkpoint(source_dir), validation), validation)
+    fmt = Format.for_target(Target(format="mlx", quant="q8"))
+    return fmt.validate(folder, reference(inspect_checkpoint(source_dir), validation), validation)
 
 
 def test_smoke_reports_backend_and_compute_dtype(models, tmp_path):
     folder, _ = convert(models["llama"], tmp_path, "q8")
     result = smoke(models["llama"], folder)
     runtime = result["smoke"]["runtime"]
-    assert runtime["backend"] == mlx_format.backend() and runtime["runtime"].startswith("mlx-lm")
+    assert runtime["backend"] == backend() and runtime["runtime"].startswith("mlx-lm")
     assert runtime["compute_dtype"] == ("float32" if runtime["backend"] == "cpu" else "stored dtype")
     assert result["failures"] == [] and result["smoke"]["tokenizer"]["matches"]
     assert 0.95 < result["quality"]["ppl_ratio"] < 1.05 and result["quality"]["top1_agreement"] > 0.8
@@ -114,7 +114,7 @@ def test_smoke_reports_backend_and_compute_dtype(models, tmp_path):
 def test_smoke_catches_a_tokenizer_mlx_lm_would_swap(models, tmp_path):
     """transformers 5's AutoTokenizer (which mlx-lm uses) gives a qwen2 config Qwen2's pre-tokenizer whatever
     tokenizer.json says: an artifact pairing qwen2 with another tokenizer tokenizes differently in mlx-lm."""
-    from pipeline.recipe import Budget
+    from pipeline.types import Budget
     from pipeline.validate import judge
 
     folder, _ = convert(models["qwen2"], tmp_path, "q8")
@@ -132,9 +132,9 @@ def test_unsupported_architecture_and_contradicting_dtype(models, tmp_path):
     source = inspect_checkpoint(models["llama"])
     with pytest.raises(FormatError, match=r"group size 128 does not divide the input size 64 of .*; group sizes "
                                           r"that fit every quantized tensor: 32, 64"):  # fmt: skip
-        mlx_format.check(source, Target(format="mlx", quant="q4", options={"group_size": 128}))
+        Format.for_target(Target(format="mlx", quant="q4", options={"group_size": 128})).check(source)
     with pytest.raises(ValidationError, match="stores float16: dtype bfloat16 contradicts it"):
         Target(format="mlx", quant="f16", options={"dtype": "bfloat16"})
     source = source.model_copy(update={"model_type": "gpt_neox"})
-    with pytest.raises(FormatError, match="not set up for architecture 'gpt_neox'"):
-        mlx_format.check(source, Target(format="mlx", quant="q4"))
+    with pytest.raises(FormatError, match="MLX does not support architecture 'gpt_neox'"):
+        Format.for_target(Target(format="mlx", quant="q4")).check(source)

@@ -7,11 +7,14 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.recipe import Target, Validation
+from pipeline.recipe import RecipeTarget as Target
+from pipeline.types import Step, Validation
 from pipeline.source import inspect_checkpoint, load_tokenizer
 
 onnx = pytest.importorskip("onnx", reason="ONNX is an optional extra: pip install 'weightsmith[onnx]'")
-from pipeline.formats import onnx as onnx_format  # noqa: E402
+from pipeline.formats.base import Format  # noqa: E402
+from pipeline.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
+from tests.conftest import build_artifact  # noqa: E402
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do."
 _BUILT: dict = {}
@@ -22,11 +25,9 @@ def build(tiny_model, tmp_path_factory):
     def _build(model: str, quant: str, **options):
         key = (model, quant, tuple(sorted(options.items())))
         if key not in _BUILT:
-            source = inspect_checkpoint(tiny_model(model))
-            target = Target(format="onnx", quant=quant, options=options)
-            onnx_format.check(source, target)
             out = tmp_path_factory.mktemp(f"onnx-{model}-{quant}")
-            _BUILT[key] = (out, onnx_format.build(source, target, out, name="tiny"), source)
+            _, source, facts = build_artifact(tiny_model(model), ("onnx", quant, options), out)
+            _BUILT[key] = (out, facts, source)
         return _BUILT[key]
 
     return _build
@@ -65,7 +66,7 @@ def test_standard_graph_interface(build, model):
 def test_standard_fp32_logits_match_transformers(build, model, tiny_model):
     folder, _, _ = build(model, "fp32")
     ids = load_tokenizer(tiny_model(model))(TEXT).input_ids
-    got = onnx_format.OnnxRuntime(folder).logits(ids)
+    got = OnnxRuntime(folder).logits(ids)
     want = transformers_logits(tiny_model(model), ids)
     assert np.abs(got[0] - want[0]).max() < 1e-4  # the first token's logits, as the issue asks
     assert np.abs(got - want).max() < 1e-4
@@ -82,7 +83,7 @@ def full_sequence_greedy(runtime, ids, n) -> list[int]:
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_kv_cache_decoding_equals_full_sequence_decoding(build, model, tiny_model):
     folder, _, _ = build(model, "fp32")
-    runtime = onnx_format.OnnxRuntime(folder)
+    runtime = OnnxRuntime(folder)
     ids = load_tokenizer(tiny_model(model))(TEXT).input_ids
     cached = runtime.greedy(ids, 10, stop_ids=set())
     assert cached == full_sequence_greedy(runtime, ids, 10) and len(cached) == 10
@@ -100,7 +101,7 @@ def test_standard_fp16_export_keeps_the_interface_in_half_precision(build, tiny_
     assert types["input_ids"] == onnx.TensorProto.INT64
     data = (folder / "model.onnx.data").stat().st_size
     assert 0.45 < data / (fp32 / "model.onnx.data").stat().st_size < 0.55  # the weights are stored in half
-    runtime = onnx_format.OnnxRuntime(folder)
+    runtime = OnnxRuntime(folder)
     ids = load_tokenizer(tiny_model("llama"))(TEXT).input_ids
     got, want = runtime.logits(ids), transformers_logits(tiny_model("llama"), ids)
     assert runtime.dtype == np.float16 and np.abs(got - want).max() < 0.02 * np.abs(want).max()
@@ -112,7 +113,7 @@ def test_genai_flavour_runs_in_onnxruntime_genai(build, tiny_model):
 
     folder, info, _ = build("qwen2", "fp32", flavour="genai")
     assert (folder / "genai_config.json").is_file() and info["flavour"] == "genai"
-    runtime = onnx_format.OnnxRuntime(folder)
+    runtime = OnnxRuntime(folder)
     ids = load_tokenizer(tiny_model("qwen2"))(TEXT).input_ids
     assert np.abs(runtime.logits(ids) - transformers_logits(tiny_model("qwen2"), ids)).max() < 1e-4
     generated = runtime.greedy(ids, 8, stop_ids=set())  # onnxruntime-genai's own generator and KV cache
@@ -131,17 +132,18 @@ def test_genai_int4_uses_matmulnbits_with_the_block_size(build, tiny_model):
     assert len(nbits) >= 2 * 4 and info["block_size"] == 32
     assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
     ids = load_tokenizer(tiny_model("llama"))(TEXT).input_ids
-    got, want = onnx_format.OnnxRuntime(folder).logits(ids), transformers_logits(tiny_model("llama"), ids)
+    got, want = OnnxRuntime(folder).logits(ids), transformers_logits(tiny_model("llama"), ids)
     cosine = (got * want).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(want, axis=-1)
     assert cosine.mean() > 0.75  # 4-bit weights on a random model (init 0.25): close, not equal
 
 
 def test_smoke_on_standard_export(build, tiny_model):
-    from pipeline.validate import reference
+    from pipeline.reference import reference
 
     folder, _, source = build("llama", "fp32")
     validation = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
-    result = onnx_format.smoke(folder, reference(source, validation), validation)
+    result = Format.for_target(Target(format="onnx", quant="fp32")).validate(folder, reference(source, validation),
+                                                                              validation)  # fmt: skip
     assert result["failures"] == [] and result["smoke"]["runtime"]["execution_provider"] == "CPUExecutionProvider"
     assert result["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-4) and result["quality"]["top1_agreement"] == 1
     case = result["smoke"]["generation"]["cases"][0]
@@ -159,8 +161,8 @@ def test_missing_genai_is_reported_with_the_extra(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
-    target = Target(format="onnx", quant="int4")
-    assert onnx_format.missing_dependency("build", target) == (
+    target = Format.for_target(Target(format="onnx", quant="int4"))
+    assert target.missing_dependency(Step.BUILD) == (
         "onnxruntime_genai is not installed: pip install 'weightsmith[onnx]'"
     )
-    assert onnx_format.missing_dependency("build", Target(format="onnx", quant="fp32")) is None
+    assert Format.for_target(Target(format="onnx", quant="fp32")).missing_dependency(Step.BUILD) is None
