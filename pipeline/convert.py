@@ -273,9 +273,9 @@ def publish(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
         log.warning("%s: no new artifact (%s: %s); the published one from %s is kept as it was", fmt.target.key,
                     current.status, current.reason, existing.updated_at)  # fmt: skip
         return current
+    record = current.model_copy(update={"files": [], "handoff": []})  # the reason, with no artifact beside it
     with staging_dir(final) as tmp:
-        write_manifest(tmp, current)
-    return current
+        return write_manifest(tmp, record)
 
 
 def _outcome(manifest: Manifest) -> Manifest:

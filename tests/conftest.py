@@ -55,8 +55,8 @@ TINY_CONFIGS = {
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """The bundled SmolLM2-135M checkpoint (made once in the weightsmith cache, about 30 s the first time)."""
-    from pipeline.recipe import SourceSpec
     from pipeline.source import resolve_source
+    from pipeline.types import SourceSpec
 
     return resolve_source(SourceSpec(id="bundled:smollm2-135m")).path
 
@@ -207,16 +207,16 @@ def build_artifact(source_dir: Path, target, out: Path, **context):
     return fmt, source, fmt.build(source, out, BuildContext(name=context.pop("name", "tiny"), **context))
 
 
-def run_target(recipe, source, key: str, steps=None, force: bool = False):
-    """Run the plan's steps of target `key` (all of them, or those named in `steps`) as a run does; return its
-    manifest after the last one."""
+def run_target(recipe, source, key: str, steps=None, force: bool = False, inputs=None):
+    """Run the plan's steps of target `key` (all of them, or those named in `steps`) as a run does, given the
+    manifests of the targets it is made from (`inputs`); return its manifest after the last one."""
     from pipeline.convert import run_step, should_run
     from pipeline.plan import make_plan
 
     plan, current = make_plan(recipe.select([key])), None
     for planned in plan.steps:
         if planned.key == key and (steps is None or planned.step in steps) and should_run(planned, current):
-            current = run_step(recipe, source, plan, planned, current, {}, force)
+            current = run_step(recipe, source, plan, planned, current, {k: inputs[k] for k in planned.inputs}, force)
     return current
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.formats import gguf as gguf_format
 from pipeline.formats.base import Format
 from pipeline.formats.gguf_arch import permute_qk
 from pipeline.reference import TOKENIZER_PROBE_SUFFIX

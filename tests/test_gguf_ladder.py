@@ -16,9 +16,9 @@ import torch
 from pipeline.formats import gguf as gguf_format
 from pipeline.quantizers import imatrix as gguf_imatrix
 from pipeline.runtimes.llama_cpp import LlamaCppRuntime
+from pipeline.source import inspect_checkpoint, load_tokenizer
 from pipeline.types import Calibration
 from tests.conftest import build_artifact
-from pipeline.source import inspect_checkpoint, load_tokenizer
 from tests.test_gguf import ggml_quantize
 
 CALIBRATION = Calibration(samples=8, seq_len=128)

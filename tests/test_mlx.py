@@ -14,8 +14,7 @@ from pipeline.recipe import RecipeTarget as Target
 from pipeline.runtimes.mlx import MlxRuntime, backend
 from pipeline.source import inspect_checkpoint, load_tokenizer
 from pipeline.types import FormatError
-from tests.conftest import build_artifact
-from tests.conftest import make_tiny_model
+from tests.conftest import build_artifact, make_tiny_model
 
 mx = pytest.importorskip("mlx.core", reason="MLX is an optional extra: pip install 'weightsmith[mlx]'")
 

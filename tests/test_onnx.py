@@ -8,8 +8,8 @@ import torch
 from pydantic import ValidationError
 
 from pipeline.recipe import RecipeTarget as Target
+from pipeline.source import load_tokenizer
 from pipeline.types import Step, Validation
-from pipeline.source import inspect_checkpoint, load_tokenizer
 
 onnx = pytest.importorskip("onnx", reason="ONNX is an optional extra: pip install 'weightsmith[onnx]'")
 from pipeline.formats.base import Format  # noqa: E402

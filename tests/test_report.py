@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import shlex
 import shutil
@@ -12,7 +13,7 @@ import subprocess
 import pytest
 import yaml
 
-from pipeline.handoff import render_chat_template
+from pipeline.chat import render_chat_template
 from pipeline.source import load_tokenizer
 from tests.conftest import write_recipe
 
@@ -112,7 +113,10 @@ def test_gptq_handoff_files(run):
     recipe, _, source = run
     folder = recipe.output_dir() / "gptq-int4"
     argv = shlex.split((folder / "vllm-serve.sh").read_text().splitlines()[-1])
-    assert argv[:3] == ["vllm", "serve", str(folder.resolve())] and argv[argv.index("--quantization") + 1] == "gptq"
+    assert (
+        argv[:3] == ["vllm", "serve", "."] and argv[argv.index("--quantization") + 1] == "gptq"
+    )  # run from its folder
+    assert os.access(folder / "vllm-serve.sh", os.X_OK)
     xinference = json.loads((folder / "xinference.json").read_text())
     (spec,) = xinference["model_specs"]
     assert spec["model_format"] == "gptq" and spec["quantization"] == "Int4"

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.recipe import SourceSpec
 from pipeline.source import SourceError, inspect_checkpoint, load_tokenizer, resolve_source
+from pipeline.types import SourceSpec
 
 
 def test_inspect_tiny_checkpoint(tiny_llama, tiny_qwen2):
@@ -96,7 +96,7 @@ def test_folder_without_config(tmp_path):
 
 
 def test_checkpoint_reads_every_tensor_exactly(smollm2_dir, tiny_llama):
-    from pipeline.source import Checkpoint
+    from pipeline.checkpoint import Checkpoint
 
     for folder in (smollm2_dir, tiny_llama):
         checkpoint = Checkpoint(folder)

@@ -72,8 +72,10 @@ def test_an_output_url_without_its_storage_backend_is_a_recipe_error(tiny_llama,
 
 def test_a_step_on_another_machine_pulls_the_artifacts_its_target_is_made_from(tiny_llama, tmp_path, monkeypatch):
     """w4a16_gptq is made from the GPTQ artifact: a worker whose mirror is empty must fetch that one too."""
-    from pipeline.convert import build_target, prepare, validate_target
+    from pipeline.convert import prepare
     from pipeline.recipe import load_recipe
+    from pipeline.types import Status, Step
+    from tests.conftest import run_target
 
     monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
     path = write_recipe(tmp_path, tiny_llama, [("gptq", "int4"), ("tensorrt", "w4a16_gptq")])
@@ -84,9 +86,9 @@ def test_a_step_on_another_machine_pulls_the_artifacts_its_target_is_made_from(t
     path.write_text(yaml.safe_dump(data))
     recipe = load_recipe(path)
     source = prepare(recipe)
-    gptq, tensorrt = recipe.targets
-    assert validate_target(recipe, source, gptq, build_target(recipe, source, gptq)).status == "ok"
+    gptq = run_target(recipe, source, "gptq/int4")
+    assert gptq.status == Status.OK
     shutil.rmtree(recipe.output_dir())  # the worker that builds the TensorRT checkpoint has nothing local
-    built = build_target(recipe, source, tensorrt)
-    assert built.status == "built", built.reason
+    built = run_target(recipe, source, "tensorrt/w4a16_gptq", [Step.BUILD], inputs={"gptq/int4": gptq})
+    assert built.status == Status.BUILT, built.reason
     assert (recipe.output_dir() / "gptq-int4" / "model.safetensors").is_file()

@@ -9,20 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.formats import FormatError
-from pipeline.formats import gptq as gptq_format
+from pipeline.checkpoint import Checkpoint
 from pipeline.formats import tensorrt as trt
-from pipeline.recipe import Calibration, Target
-from pipeline.source import Checkpoint, inspect_checkpoint
+from pipeline.types import Calibration, FormatError
+from tests.conftest import build_artifact
 
 
-def prepare(tiny_model, tmp_path, model="llama", quant="fp16", **options):
-    source = inspect_checkpoint(tiny_model(model))
-    target = Target(format="tensorrt", quant=quant, options=options)
-    trt.check(source, target)
+def prepare(tiny_model, tmp_path, model="llama", quant="fp16", inputs=None, **options):
     out = tmp_path / f"tensorrt-{quant}"
     out.mkdir(exist_ok=True)
-    facts = trt.build(source, target, out, name="tiny")
+    _, source, facts = build_artifact(tiny_model(model), ("tensorrt", quant, options), out, inputs=inputs or {})
     return out, facts, source
 
 
@@ -114,17 +110,19 @@ def test_weight_only_scales_and_packing_round_trip(tiny_model, tmp_path, quant, 
 
 
 def test_gptq_artifact_becomes_w4a16_gptq(tiny_model, tmp_path):
-    from pipeline.gptq import from_checkpoint
+    from pipeline.quantizers.gptq import from_checkpoint
 
-    source = inspect_checkpoint(tiny_model("llama"))
     gptq_dir = tmp_path / "gptq-int4"
     gptq_dir.mkdir()
-    target = Target(format="gptq", quant="int4", options={"group_size": 32, "desc_act": True, "static_groups": True})
-    gptq_format.build(source, target, gptq_dir, name="tiny", calibration=Calibration(samples=4, seq_len=64))
-    with pytest.raises(FormatError, match=r"GPTQ artifact of target gptq/int4, which is missing"):
-        prepare(tiny_model, tmp_path, "llama", "w4a16_gptq")
-    (gptq_dir / "manifest.json").write_text(json.dumps({"status": "ok"}))
-    out, facts, _ = prepare(tiny_model, tmp_path, "llama", "w4a16_gptq")  # beside gptq-int4, as the flow has it
+    build_artifact(tiny_model("llama"), ("gptq", "int4", {"group_size": 32, "desc_act": True, "static_groups": True}),
+                   gptq_dir, calibration=Calibration(samples=4, seq_len=64))  # fmt: skip
+    int8 = tmp_path / "gptq-int8"
+    int8.mkdir()
+    build_artifact(tiny_model("llama"), ("gptq", "int8", {"group_size": 32}), int8,
+                   calibration=Calibration(samples=4, seq_len=64))  # fmt: skip
+    with pytest.raises(FormatError, match=r"gptq/int4 is a 8-bit GPTQ artifact; w4a16_gptq needs 4 bits"):
+        prepare(tiny_model, tmp_path, "llama", "w4a16_gptq", inputs={"gptq/int4": int8})
+    out, facts, _ = prepare(tiny_model, tmp_path, "llama", "w4a16_gptq", inputs={"gptq/int4": gptq_dir})
     config = json.loads((out / "config.json").read_text())["quantization"]
     assert config == {**config, "quant_algo": "W4A16_GPTQ", "group_size": 32, "has_zero_point": True}
     tensors, gptq_tensors = load_file(out / "rank0.safetensors"), load_file(gptq_dir / "model.safetensors")
@@ -149,7 +147,8 @@ def test_without_cuda_the_checkpoint_is_validated_and_the_engine_not_run(tiny_ll
     folder = recipe.output_dir() / "tensorrt-fp16"
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["status"] == "not_run" and "no_cuda_device" in manifest["reason"]
-    assert manifest["smoke"]["steps"] == {"prepare": "ok", "build": "not_run", "smoke": "not_run"}
+    assert manifest["steps"] == {"build": "built", "validate": "ok", "engine": "not_run"}
+    assert manifest["smoke"]["engine"]["build"]["reason"] == "no_cuda_device"
     assert manifest["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=2e-3)  # the checkpoint itself was validated
     assert not (folder / "engine").exists() and not list(folder.rglob("*.engine"))
     assert {f["path"] for f in manifest["files"]} >= {"config.json", "rank0.safetensors"}
@@ -180,14 +179,16 @@ def test_probe_names_what_is_missing(monkeypatch):
 
 
 def test_w4a16_gptq_is_redone_when_its_gptq_artifact_is(tiny_llama, tmp_path):
-    from pipeline.convert import target_inputs
+    from pipeline.plan import make_plan
     from pipeline.recipe import load_recipe
+    from pipeline.source import inspect_checkpoint
     from tests.conftest import write_recipe
 
-    def inputs(group_size):
+    def inputs(group_size, only=None):
         recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gptq", "int4"), ("tensorrt", "w4a16_gptq")]))
         targets = [recipe.targets[0].model_copy(update={"options": {"group_size": group_size}}), recipe.targets[1]]
-        recipe = recipe.model_copy(update={"targets": targets})
-        return target_inputs(recipe, inspect_checkpoint(tiny_llama), recipe.targets[1])
+        recipe = recipe.model_copy(update={"targets": targets}).select(only)
+        return make_plan(recipe).inputs(inspect_checkpoint(tiny_llama), "tensorrt/w4a16_gptq")
 
     assert inputs(32) == inputs(32) and inputs(32) != inputs(64)
+    assert inputs(32, only=["tensorrt/w4a16_gptq"]) == inputs(32)  # --only keeps what it is made from

@@ -14,24 +14,27 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pipeline.formats import FormatError, tensorrt_engine, tensorrt_plain
 from pipeline.formats import tensorrt as trt_format
-from pipeline.formats.tensorrt_plain import DECODE, PREFILL, TensorInfo
-from pipeline.recipe import Target
+from pipeline.formats import tensorrt_engine, tensorrt_plain
+from pipeline.recipe import RecipeTarget as Target
+from pipeline.runtimes import tensorrt as trt_runtime
+from pipeline.runtimes.tensorrt import DECODE, PREFILL, TensorInfo
+from pipeline.runtimes.tensorrt_llm import refuse_foreign_engine
 from pipeline.source import inspect_checkpoint, load_tokenizer
+from pipeline.types import FormatError
 
 ort = pytest.importorskip("onnxruntime", reason="ONNX is an optional extra: pip install 'weightsmith[onnx]'")
-from pipeline.formats import onnx as onnx_format  # noqa: E402
+from pipeline.runtimes.onnxruntime import OnnxRuntime  # noqa: E402
+from tests.conftest import build_artifact  # noqa: E402
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do."
 
 
 @pytest.fixture(scope="module")
 def fp16_export(tiny_model, tmp_path_factory):
-    source = inspect_checkpoint(tiny_model("qwen2"))
-    target = Target(format="onnx", quant="fp16", options={"flavour": "standard"})
     out = tmp_path_factory.mktemp("onnx-fp16")
-    return out, onnx_format.build(source, target, out, name="tiny"), source
+    _, source, facts = build_artifact(tiny_model("qwen2"), ("onnx", "fp16", {"flavour": "standard"}), out)
+    return out, facts, source
 
 
 class RecordingSession:
@@ -74,11 +77,11 @@ def test_profiles_cover_every_call_of_the_decode_loop(fp16_export):
     assert shapes[DECODE][past][2][2] == 95 and shapes[DECODE]["attention_mask"][2] == (2, 96)
 
     session = RecordingSession(folder)
-    runtime = onnx_format.OnnxRuntime(folder, session=session, description={"runtime": "recording"})
+    runtime = OnnxRuntime(folder, session=session, description={"runtime": "recording"})
     ids = load_tokenizer(source.path)(TEXT).input_ids
     runtime.logits(ids)
     runtime.greedy(ids, 8, stop_ids=set())
-    used = [tensorrt_plain.profile_for(feeds) for feeds in session.calls]
+    used = [trt_runtime.profile_for(feeds) for feeds in session.calls]
     assert used.count(PREFILL) == 2 and used.count(DECODE) == 7
     for feeds, index in zip(session.calls, used):
         for name, array in feeds.items():
@@ -89,8 +92,8 @@ def test_profiles_cover_every_call_of_the_decode_loop(fp16_export):
 def test_decode_loop_runs_over_a_session_that_is_not_onnxruntimes(fp16_export):
     folder, _, source = fp16_export
     ids = load_tokenizer(source.path)(TEXT).input_ids
-    own = onnx_format.OnnxRuntime(folder)
-    foreign = onnx_format.OnnxRuntime(folder, session=RecordingSession(folder), description={"runtime": "x"})
+    own = OnnxRuntime(folder)
+    foreign = OnnxRuntime(folder, session=RecordingSession(folder), description={"runtime": "x"})
     assert foreign.dtype == own.dtype and foreign.empty_past == own.empty_past == (1, 2, 0, 16)
     assert (foreign.logits(ids) == own.logits(ids)).all()
     assert foreign.greedy(ids, 6, set()) == own.greedy(ids, 6, set())
@@ -101,10 +104,10 @@ def test_profile_choice_and_unknown_axes():
     import numpy as np
 
     past = np.zeros((1, 2, 5, 16), np.float16)
-    assert tensorrt_plain.profile_for({"input_ids": np.zeros((1, 7)), "past_key_values.0.key": past[:, :, :0]}) == 0
-    assert tensorrt_plain.profile_for({"input_ids": np.zeros((1, 1)), "past_key_values.0.key": past}) == DECODE
+    assert trt_runtime.profile_for({"input_ids": np.zeros((1, 7)), "past_key_values.0.key": past[:, :, :0]}) == 0
+    assert trt_runtime.profile_for({"input_ids": np.zeros((1, 1)), "past_key_values.0.key": past}) == DECODE
     with pytest.raises(ValueError, match="3 new tokens after 5 cached ones"):
-        tensorrt_plain.profile_for({"input_ids": np.zeros((1, 3)), "past_key_values.0.key": past})
+        trt_runtime.profile_for({"input_ids": np.zeros((1, 3)), "past_key_values.0.key": past})
     with pytest.raises(ValueError, match="axis 'past_seq_len'"):
         tensorrt_plain.profiles({"past_key_values.0.key": ["batch", 2, "past_seq_len", 16]}, trt_format.Options())
 
@@ -148,27 +151,25 @@ def test_option_errors():
 
 
 def test_onnx_artifact_must_be_the_passed_fp16_standard_export(tmp_path):
-    def artifact(name, status, flavour, precision):
+    def artifact(name, flavour, precision):
         (tmp_path / name).mkdir()
-        manifest = {"status": status, "build": {"flavour": flavour, "precision": precision}}
+        manifest = {"status": "ok", "build": {"flavour": flavour, "precision": precision}}
         (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        return tmp_path / name
 
-    artifact("onnx-fp16", "ok", "standard", "fp16")
-    artifact("onnx-fp32", "ok", "standard", "fp32")
-    artifact("onnx-broken", "failed", "standard", "fp16")
-    assert trt_format.onnx_artifact(tmp_path, "onnx/fp16") == tmp_path / "onnx-fp16"
+    fp16, fp32 = artifact("onnx-fp16", "standard", "fp16"), artifact("onnx-fp32", "standard", "fp32")
+    assert trt_format.onnx_artifact(fp16, "onnx/fp16") == fp16
     with pytest.raises(FormatError, match="onnx/fp32 is a standard fp32 ONNX export; plain TensorRT needs the st"):
-        trt_format.onnx_artifact(tmp_path, "onnx/fp32")
-    with pytest.raises(FormatError, match="ONNX artifact of target onnx/broken, which is failed"):
-        trt_format.onnx_artifact(tmp_path, "onnx/broken")
-    with pytest.raises(FormatError, match="ONNX artifact of target onnx/int4, which is missing"):
-        trt_format.onnx_artifact(tmp_path, "onnx/int4")
+        trt_format.onnx_artifact(fp32, "onnx/fp32")
+    with pytest.raises(ValidationError, match="'gptq/int4' is not a onnx target"):
+        Target(format="tensorrt", quant="fp16", options={"onnx_target": "gptq/int4"})
 
 
 def test_plain_route_target_without_cuda(tiny_llama, tmp_path):
     import yaml
 
-    from pipeline.convert import run_recipe, target_inputs
+    from pipeline.convert import run_recipe
+    from pipeline.plan import make_plan
     from pipeline.recipe import load_recipe
     from tests.conftest import write_recipe
 
@@ -193,7 +194,7 @@ def test_plain_route_target_without_cuda(tiny_llama, tmp_path):
     other = recipe.targets[0].model_copy(update={"options": {"flavour": "standard", "execution_provider": "cuda"}})
     changed = recipe.model_copy(update={"targets": [other, recipe.targets[1]]})
     source = inspect_checkpoint(tiny_llama)
-    assert target_inputs(recipe, source, recipe.targets[1]) != target_inputs(changed, source, changed.targets[1])
+    assert make_plan(recipe).inputs(source, "tensorrt/fp16") != make_plan(changed).inputs(source, "tensorrt/fp16")
 
 
 STUBS = "10.13.0.35.1"  # tensorrt-stubs: TensorRT 10.13's Python API, published on PyPI (installed with --no-deps)
@@ -226,7 +227,7 @@ def test_tensorrt_calls_match_tensorrts_own_stubs(tmp_path, monkeypatch):
     wrong.write_text("import tensorrt as trt\n\n\ndef f(c: trt.IExecutionContext) -> None:\n"
                      "    c.execute_async_v4(0)\n    c.set_optimization_profile_async(1)\n")  # fmt: skip
     assert len(errors(wrong)) == 2  # the check does see a call TensorRT does not have
-    assert errors(tensorrt_plain.__file__) == []
+    assert errors(tensorrt_plain.__file__) == [] and errors(trt_runtime.__file__) == []
 
 
 @pytest.mark.parametrize("route", ["tensorrt_llm", "onnx"])
@@ -234,15 +235,15 @@ def test_an_engine_from_another_gpu_or_version_is_refused_naming_both(tmp_path, 
     built = {"gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0", "tensorrt": "10.13.3.9",
              "tensorrt_llm": "1.2.1" if route == "tensorrt_llm" else None, "driver": "580.65"}  # fmt: skip
     (tmp_path / "engine.json").write_text(json.dumps({"route": route, "environment": built}))
-    tensorrt_engine.refuse_foreign_engine(tmp_path, {**built, "driver": "590.1"})  # the driver may differ
+    refuse_foreign_engine(tmp_path, {**built, "driver": "590.1"})  # the driver may differ
     other_gpu = {**built, "gpu": "NVIDIA L4", "compute_capability": "8.9"}
     with pytest.raises(RuntimeError, match="built for gpu NVIDIA H100 80GB HBM3, this worker has NVIDIA L4"):
-        tensorrt_engine.refuse_foreign_engine(tmp_path, other_gpu)
+        refuse_foreign_engine(tmp_path, other_gpu)
     with pytest.raises(RuntimeError, match="built for tensorrt 10.13.3.9, this worker has 10.14.1"):
-        tensorrt_engine.refuse_foreign_engine(tmp_path, {**built, "tensorrt": "10.14.1"})
+        refuse_foreign_engine(tmp_path, {**built, "tensorrt": "10.14.1"})
     newer_llm = {**built, "tensorrt_llm": "1.2.2"}
     if route == "tensorrt_llm":
         with pytest.raises(RuntimeError, match="built for tensorrt_llm 1.2.1, this worker has 1.2.2"):
-            tensorrt_engine.refuse_foreign_engine(tmp_path, newer_llm)
+            refuse_foreign_engine(tmp_path, newer_llm)
     else:  # a plain TensorRT engine does not care about TensorRT-LLM
-        tensorrt_engine.refuse_foreign_engine(tmp_path, newer_llm)
+        refuse_foreign_engine(tmp_path, newer_llm)

@@ -13,9 +13,11 @@ import torch
 
 from pipeline.convert import run_recipe
 from pipeline.corpus import CORPUS_FILE, load_text, split_corpus
-from pipeline.recipe import Budget, load_recipe
+from pipeline.recipe import load_recipe
+from pipeline.reference import PromptCase, Reference, eval_chunks, score
 from pipeline.source import load_tokenizer
-from pipeline.validate import PromptCase, Reference, compare, eval_chunks, generate, judge
+from pipeline.types import Budget
+from pipeline.validate import compare, generate, judge
 from tests.conftest import REPO, write_recipe
 
 
@@ -37,10 +39,8 @@ class FixedRuntime:
 def make_reference(rng, n_chunks=3, length=40, vocab=50):
     chunks = [rng.integers(0, vocab, length).tolist() for _ in range(n_chunks)]
     logits = [rng.normal(size=(length, vocab)).astype(np.float32) * 3 for _ in chunks]
-    logprobs = [torch.log_softmax(torch.from_numpy(x[:-1]), -1).numpy() for x in logits]
-    return Reference(
-        tokenizer=None, chunks=chunks, logprobs=logprobs, prompts=[], probe_text="", probe_ids=[], stop_ids={9}
-    ), logits
+    scores = [score(torch.log_softmax(torch.from_numpy(x[:-1]), -1).numpy(), c) for x, c in zip(logits, chunks)]
+    return Reference(chunks=chunks, scores=scores, prompts=[], probe_text="", probe_ids=[], stop_ids={9}), logits
 
 
 def test_identical_logits_give_ratio_one_and_zero_kl():
@@ -140,7 +140,8 @@ def test_budget_violation_fails_the_target_and_keeps_the_numbers(tiny_llama, tmp
     manifest = json.loads((recipe.output_dir() / "gguf-q4_0" / "manifest.json").read_text())
     assert manifest["status"] == "failed" and manifest["quality"]["ppl_ratio"] > 1.0001
     assert manifest["smoke"]["tokenizer"]["matches"] and manifest["smoke"]["generation"]["cases"][0]["tokens"] > 0
-    assert (recipe.output_dir() / "gguf-q4_0" / "test-model-Q4_0.gguf").is_file()  # the artifact stays, judged
+    assert [p.name for p in (recipe.output_dir() / "gguf-q4_0").iterdir()] == ["manifest.json"]  # never published
+    assert manifest["files"] == [] and manifest["steps"] == {"build": "built", "validate": "failed"}
     f32 = json.loads((recipe.output_dir() / "gguf-f32" / "manifest.json").read_text())
     assert f32["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=2e-3) and f32["quality"]["top1_agreement"] > 0.97
     assert json.loads((recipe.output_dir() / "summary.json").read_text())["ok"] is False
@@ -176,18 +177,20 @@ def test_missing_runtime_is_reported_not_run_with_the_extra(tiny_llama, tmp_path
     summary = run_recipe(recipe)
     (row,) = summary["targets"]
     assert row["status"] == "not_run"
-    assert row["reason"] == "smoke: llama-cpp-python is not installed: pip install 'weightsmith[gguf]'"
+    assert row["reason"] == "validate: llama-cpp-python is not installed: pip install 'weightsmith[gguf]'"
     assert summary["ok"] is True  # not run is not a failure, and says so
     manifest = json.loads((recipe.output_dir() / "gguf-f16" / "manifest.json").read_text())
-    assert manifest["status"] == "not_run" and manifest["quality"] is None and manifest["files"]
+    assert manifest["status"] == "not_run" and manifest["quality"] is None
+    assert manifest["files"] == []  # built, but not validated: not published
 
 
 def test_step_needing_absent_hardware_is_not_run(tiny_llama, tmp_path, monkeypatch):
-    from pipeline.formats import gguf as gguf_format
+    from pipeline.formats.gguf import GGUF
+    from pipeline.types import Step
 
-    monkeypatch.setattr(gguf_format, "HARDWARE", {"build": ("cuda",), "smoke": ("cuda",)})
+    monkeypatch.setattr(GGUF, "hardware", {Step.BUILD: ("cuda",), Step.VALIDATE: ("cuda",)})
     recipe = load_recipe(write_recipe(tmp_path, tiny_llama, [("gguf", "f16")]))
     (row,) = run_recipe(recipe)["targets"]
-    assert row["status"] == "not_run" and row["reason"].startswith("no_cuda_device: build needs cuda")
+    assert row["status"] == "not_run" and row["reason"].startswith("build: no_cuda_device: build needs cuda")
     folder = recipe.output_dir() / "gguf-f16"
     assert [p.name for p in folder.iterdir()] == ["manifest.json"]  # no artifact file, only the reason

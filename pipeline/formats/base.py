@@ -161,13 +161,14 @@ def engine_not_run(code: str, detail: str) -> dict[str, Any]:
     return {"build": skipped, "smoke": dict(skipped)}
 
 
-def missing_modules(modules: list[str], extra: str) -> str | None:
-    """Why a step needing `modules` cannot run here (the first one that does not import), or None."""
-    for module in modules:
+def missing_modules(modules: dict[str, str], extra: str) -> str | None:
+    """Why a step needing `modules` ({module: its distribution's name}) cannot run here (the first one that does not
+    import), or None."""
+    for module, package in modules.items():
         try:
             __import__(module)
         except ImportError:
-            return f"{module} is not installed: pip install 'weightsmith[{extra}]'"
+            return f"{package} is not installed: pip install 'weightsmith[{extra}]'"
     return None
 
 

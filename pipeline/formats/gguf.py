@@ -198,7 +198,7 @@ class GGUF(Format):
 
     def missing_dependency(self, step: Step) -> str | None:
         if step == Step.VALIDATE or self.quant in LLAMA_CPP:
-            return missing_modules(["llama_cpp"], self.extra)
+            return missing_modules({"llama_cpp": "llama-cpp-python"}, self.extra)
         return None
 
     def check(self, source: SourceInfo) -> None:

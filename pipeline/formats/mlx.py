@@ -63,9 +63,8 @@ class MLX(Format):
             raise FormatError(f"mlx {quant} stores {FLOATS[quant]}: dtype {options.dtype} contradicts it")
 
     def missing_dependency(self, step: Step) -> str | None:
-        if why := missing_modules(["mlx.core", "mlx_lm"], self.extra):
-            return why.replace("]'", "]' (mlx[cpu] on Linux)")
-        return None
+        why = missing_modules({"mlx.core": "mlx", "mlx_lm": "mlx-lm"}, self.extra)
+        return why and f"{why} (mlx[cpu] on Linux)"
 
     def check(self, source: SourceInfo) -> None:
         refuse_unless(arch(source.model_type).mlx, "MLX", source.model_type, "mlx",

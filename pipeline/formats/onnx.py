@@ -70,7 +70,7 @@ class ONNX(Format):
             needed += ["onnxruntime_genai", "onnx_ir"]
         elif step == Step.BUILD:
             needed += ["onnxscript"]  # torch's exporter
-        return missing_modules(needed, self.extra)
+        return missing_modules({m: m for m in needed}, self.extra)
 
     def check(self, source: SourceInfo) -> None:
         row = arch(source.model_type)

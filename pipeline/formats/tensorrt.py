@@ -214,7 +214,7 @@ def _gptq_linear(checkpoint, names: list[str], prefix: str, config: dict, dtype)
     """A GPTQ v1 linear (or several, concatenated along the output) in TensorRT-LLM's W4A16_GPTQ terms."""
     import torch
 
-    from pipeline.gptq import unpack
+    from pipeline.quantizers.gptq import unpack
 
     q = torch.cat([unpack(checkpoint.tensor(f"{n}.qweight"), 4, dim=0) for n in names], dim=1)  # [in, out] 0..15
     zeros = torch.cat([unpack(checkpoint.tensor(f"{n}.qzeros"), 4, dim=1) + 1 for n in names], dim=1)  # v1: +1
