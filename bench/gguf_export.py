@@ -27,19 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import build_one  # noqa: E402
 from bench.common import measure, print_table  # noqa: E402
 
-OURS = """
-import sys
-from pathlib import Path
-from pipeline.formats import gguf
-from pipeline.recipe import Target
-from pipeline.source import inspect_checkpoint
-quant = sys.argv[2]
-options = {} if quant in gguf.DIRECT else {"base": "f16"}
-source, target = inspect_checkpoint(Path(sys.argv[1])), Target(format="gguf", quant=quant, options=options)
-gguf.build(source, target, Path(sys.argv[3]), name="bench")
-"""
 CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON", "-DGGML_AVX2=ON", "-DGGML_FMA=ON",
                "-DGGML_F16C=ON", "-DGGML_BMI2=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_SERVER=OFF",
                "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"]  # fmt: skip
@@ -47,7 +37,7 @@ CMAKE_FLAGS = ["-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=OFF", "-DGGML_AVX=ON
 
 def llama_cpp_tree() -> Path:
     """The llama.cpp tree vendored in the llama-cpp-python sdist matching the installed version."""
-    from pipeline.source import cache_root
+    from pipeline.files import cache_root
 
     release = version("llama-cpp-python")
     root = cache_root() / "bench" / f"llama.cpp-{release}"
@@ -89,7 +79,7 @@ def tensors_identical(a: Path, b: Path) -> str:
 
 
 def perplexity(path: Path, ref) -> float:
-    from pipeline.formats.gguf import LlamaCppRuntime
+    from pipeline.runtimes.llama_cpp import LlamaCppRuntime
     from pipeline.validate import compare
 
     runtime = LlamaCppRuntime(path, n_ctx=len(ref.chunks[0]))
@@ -106,9 +96,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from pipeline.formats.gguf import DIRECT, model_files
-    from pipeline.recipe import SourceSpec, Validation
+    from pipeline.reference import reference
     from pipeline.source import resolve_source
-    from pipeline.validate import reference
+    from pipeline.types import SourceSpec, Validation
 
     source = resolve_source(SourceSpec(id=args.source))
     tree = llama_cpp_tree()
@@ -123,7 +113,8 @@ def main() -> None:
         for quant in args.types.split(","):
             out_ours = Path(tmp, f"ours-{quant}")
             out_ours.mkdir()
-            ours = measure([sys.executable, "-c", OURS, str(source.path), quant, str(out_ours)], env)
+            options = {} if quant in DIRECT else {"base": "f16"}  # both start from the same F16 input
+            ours = measure(build_one.command(source.path, "gguf", quant, options, out_ours), env)
             out_ref = Path(tmp, f"ref-{quant}.gguf")
             if quant in DIRECT:
                 theirs = measure([sys.executable, str(converter), str(source.path), "--outtype", quant, "--outfile",

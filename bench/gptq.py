@@ -13,7 +13,6 @@ auto-gptq is not run: 0.7.1 (archived) cannot quantize without CUDA and needs tr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -23,26 +22,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import build_one  # noqa: E402
 from bench.common import measure, print_table  # noqa: E402
-
-QUANTIZE = """
-import json, sys
-from pathlib import Path
-from pipeline.formats import gptq
-from pipeline.recipe import Calibration, Target
-from pipeline.source import inspect_checkpoint
-source = inspect_checkpoint(Path(sys.argv[1]))
-target = Target(format="gptq", quant=sys.argv[2], options=json.loads(sys.argv[3]))
-calibration = Calibration(samples=int(sys.argv[5]), seq_len=int(sys.argv[6]))
-gptq.build(source, target, Path(sys.argv[4]), name="bench", calibration=calibration)
-"""
 
 
 def score(folder: Path, reference) -> dict:
-    from pipeline.formats.gptq_runtime import open_runtime
+    from pipeline.runtimes.transformers import open_gptq
     from pipeline.validate import compare
 
-    return compare(reference, open_runtime(folder))
+    return compare(reference, open_gptq(folder))
 
 
 def main() -> None:
@@ -54,11 +42,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()
 
-    from pipeline.formats.gptq import cpu_workers
-    from pipeline.formats.gptq_runtime import rtn_quality
-    from pipeline.recipe import SourceSpec, Validation
+    from pipeline.formats.gptq import rtn_quality
+    from pipeline.reference import reference
+    from pipeline.runtimes.transformers import cpu_workers
     from pipeline.source import resolve_source
-    from pipeline.validate import reference
+    from pipeline.types import Calibration, SourceSpec, Validation
 
     cpu_workers()
     source = resolve_source(SourceSpec(id=args.source))
@@ -76,8 +64,8 @@ def main() -> None:
             for tool, options in runs.items():
                 out = Path(tmp, f"int{bits}-{len(results)}")
                 out.mkdir()
-                cmd = [sys.executable, "-c", QUANTIZE, str(source.path), f"int{bits}", json.dumps({**grid, **options}),
-                       str(out), str(args.samples), str(args.seq_len)]  # fmt: skip
+                cmd = build_one.command(source.path, "gptq", f"int{bits}", {**grid, **options}, out,
+                                        Calibration(samples=args.samples, seq_len=args.seq_len))  # fmt: skip
                 results[tool] = (*measure(cmd, env), score(out, ref))
             reference_wall = results[f"GPTQModel {version('gptqmodel')}"][0]
             rows.append([f"int{bits}", "round-to-nearest (floor)", "-", "-", f"{floor['ppl']:.3f}",

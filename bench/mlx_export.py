@@ -20,17 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import build_one  # noqa: E402
 from bench.common import measure, print_table  # noqa: E402
-
-OURS = """
-import sys
-from pathlib import Path
-from pipeline.formats import mlx
-from pipeline.recipe import Target
-from pipeline.source import inspect_checkpoint
-source, target = inspect_checkpoint(Path(sys.argv[1])), Target(format="mlx", quant=sys.argv[2])
-mlx.build(source, target, Path(sys.argv[3]), name="bench")
-"""
 
 
 def reference_command(source: Path, quant: str, out: Path) -> list[str]:
@@ -56,8 +47,8 @@ def main() -> None:
     parser.add_argument("--quants", default="bf16,q8,q4")
     args = parser.parse_args()
 
-    from pipeline.recipe import SourceSpec
     from pipeline.source import resolve_source
+    from pipeline.types import SourceSpec
 
     source = resolve_source(SourceSpec(id=args.source))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -66,7 +57,7 @@ def main() -> None:
         for quant in args.quants.split(","):
             ours_dir, ref_dir = Path(tmp, f"ours-{quant}"), Path(tmp, f"ref-{quant}")
             ours_dir.mkdir()
-            ours = measure([sys.executable, "-c", OURS, str(source.path), quant, str(ours_dir)], env)
+            ours = measure(build_one.command(source.path, "mlx", quant, {}, ours_dir), env)
             theirs = measure(reference_command(source.path, quant, ref_dir))
             same = identical(ours_dir, ref_dir)
             for tool, (wall, rss), folder in (("weightsmith", ours, ours_dir), ("mlx_lm convert", theirs, ref_dir)):

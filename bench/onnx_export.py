@@ -21,18 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench import build_one  # noqa: E402
 from bench.common import measure, print_table  # noqa: E402
 
-OURS = """
-import json, sys
-from pathlib import Path
-from pipeline.formats import onnx
-from pipeline.recipe import Target
-from pipeline.source import inspect_checkpoint
-source = inspect_checkpoint(Path(sys.argv[1]))
-onnx.build(source, Target(format="onnx", quant=sys.argv[2], options=json.loads(sys.argv[3])), Path(sys.argv[4]),
-           name="bench")
-"""
 FLAVOURS = [
     ("standard", "fp32", {}),
     ("standard", "fp16", {"flavour": "standard"}),
@@ -50,15 +41,14 @@ def tokens_per_second(generate, n: int) -> float:
 
 
 def main() -> None:
-    import json
 
     import torch
     from transformers import AutoModelForCausalLM
 
-    from pipeline.formats.onnx import OnnxRuntime
-    from pipeline.recipe import SourceSpec
+    from pipeline.reference import render_prompt
+    from pipeline.runtimes.onnxruntime import OnnxRuntime
     from pipeline.source import load_tokenizer, resolve_source
-    from pipeline.validate import render_prompt
+    from pipeline.types import SourceSpec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="bundled:smollm2-135m")
@@ -82,8 +72,7 @@ def main() -> None:
         for kind, quant, options in FLAVOURS:
             out = Path(tmp, f"{kind}-{quant}")
             out.mkdir()
-            wall, rss = measure([sys.executable, "-c", OURS, str(source.path), quant, json.dumps(options), str(out)],
-                                env)  # fmt: skip
+            wall, rss = measure(build_one.command(source.path, "onnx", quant, options, out), env)
             size = sum(f.stat().st_size for f in out.glob("model.onnx*"))
             runtime = OnnxRuntime(out)
             speed = tokens_per_second(lambda n, r=runtime: r.greedy(ids, n, stop_ids=set()), args.tokens)

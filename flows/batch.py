@@ -13,6 +13,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.convert import convert
+from pipeline.types import Status
 
 
 class RecipesFailed(RuntimeError):
@@ -28,7 +29,8 @@ def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False)
     results = []
     for path in paths:
         state = convert(str(path), force=force, return_state=True)
-        row = {"recipe": str(path), "status": "ok" if state.is_completed() else "failed", "detail": state.message}
+        status = Status.OK if state.is_completed() else Status.FAILED
+        row = {"recipe": str(path), "status": status.value, "detail": state.message}
         if state.is_completed():
             summary = state.result()
             row["detail"] = ", ".join(f"{r['target']} {r['status']}" for r in summary["targets"])
@@ -36,7 +38,7 @@ def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False)
         get_run_logger().info("%s: %s (%s)", path, row["status"], row["detail"])
     create_table_artifact(results, key="batch-" + "".join(c if c.isalnum() else "-" for c in folder.lower()),
                           description=f"weightsmith batch over {folder}")  # fmt: skip
-    failed = [r["recipe"] for r in results if r["status"] == "failed"]
+    failed = [r["recipe"] for r in results if r["status"] == Status.FAILED]
     if failed:
         raise RecipesFailed(f"{len(failed)} of {len(results)} recipe(s) failed: {', '.join(failed)}")
     return results

@@ -218,8 +218,8 @@ def engine(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
     try:
         outcome = fmt.engine(folder, reference(source, recipe.validation, recipe.dtype), recipe.validation, paths)
     except Exception as exc:
-        outcome = {"build": {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"},
-                   "smoke": {"status": "not_run", "reason": "engine_build_failed"}}  # fmt: skip
+        outcome = {"build": {"status": Status.FAILED, "reason": f"{type(exc).__name__}: {exc}"},
+                   "smoke": {"status": Status.NOT_RUN, "reason": "engine_build_failed"}}  # fmt: skip
     return record_engine(recipe, fmt, folder, current, outcome)
 
 
@@ -227,7 +227,8 @@ def record_engine(recipe: Recipe, fmt: Format, folder: Path, current: Manifest, 
     """An engine step's outcome in the candidate's manifest: ok when built and smoke-tested, failed when either
     failed, not_run (with the reason code) when it could not run."""
     smoke = {**(current.smoke or {}), "engine": outcome}
-    failed = [f"engine {k}: {outcome[k]['reason']}" for k in ("build", "smoke") if outcome[k]["status"] == "failed"]
+    failed = [f"engine {k}: {outcome[k]['reason']}" for k in ("build", "smoke")
+              if outcome[k]["status"] == Status.FAILED]  # fmt: skip
     if failed:
         status, reason = Status.FAILED, "; ".join(failed)
     elif outcome["build"]["status"] == Status.NOT_RUN:
@@ -246,7 +247,7 @@ def not_run_elsewhere(recipe: Recipe, source: SourceInfo, fmt: Format, step: Ste
     if step == Step.ENGINE:
         outcome = engine_not_run(code, detail)
         if status == Status.FAILED:
-            outcome["build"] = {"status": "failed", "reason": f"{code}: {detail}"}
+            outcome["build"] = {"status": Status.FAILED, "reason": f"{code}: {detail}"}
         return record_engine(recipe, fmt, folder, current, outcome)
     if step == Step.BUILD or current is None:
         manifest = base_manifest(recipe, source, fmt.target, inputs_hash)

@@ -40,6 +40,10 @@ TINY_CONFIGS = {
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
     ),
+    # added by a row of pipeline/archs.py alone (GGUF and MLX)
+    "olmo2": dict(SMALL, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    "granite": dict(SMALL, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, embedding_multiplier=6.0,
+                    attention_multiplier=0.2, residual_multiplier=0.3, logits_scaling=4.0),
     "phi3": dict(
         SMALL,
         num_key_value_heads=4,
@@ -98,6 +102,8 @@ TINY_MODELS = {
     "mistral": ("mistral", {}),
     "gemma2": ("gemma2", {}),
     "phi3": ("phi3", {}),
+    "olmo2": ("olmo2", {}),
+    "granite": ("granite", {}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),

@@ -207,7 +207,8 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
         runtime.close()
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm", "qwen3", "mistral", "gemma2", "phi3", "llama3-rope"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm", "qwen3", "mistral", "gemma2", "phi3", "llama3-rope",
+                                   "olmo2", "granite"])  # fmt: skip
 def test_llama_cpp_logits_match_transformers(build, models, model):
     from transformers import AutoModelForCausalLM
 

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.types import Calibration, FormatError, Hardware, Manifest, SourceInfo, Step, Target, Validation
+from pipeline.types import Calibration, FormatError, Hardware, Manifest, SourceInfo, Status, Step, Target, Validation
 
 Progress = Callable[[int, int, str], None]
 
@@ -157,7 +157,7 @@ def parse_size(value: Any) -> Any:
 
 def engine_not_run(code: str, detail: str) -> dict[str, Any]:
     """The outcome of an engine step that could not run: both its parts not_run, with the reason code."""
-    skipped = {"status": "not_run", "reason": code, "detail": detail}
+    skipped = {"status": Status.NOT_RUN, "reason": code, "detail": detail}
     return {"build": skipped, "smoke": dict(skipped)}
 
 

@@ -3,13 +3,14 @@
 Quantization runs layer by layer, streamed from the safetensors files: the calibration samples' hidden states are
 pushed through one decoder layer at a time (built from the checkpoint's own transformers class, weights read for
 that layer only), collecting each linear's input Hessian H = 2XXᵀ/n; the layer's linears are quantized with our
-GPTQ solver (`pipeline.quantizers.gptq`); the layer is run again on its quantized weights to produce the next layer's inputs,
-so error does not compound unseen. Only one layer's weights, activations and Hessians are in memory at a time.
-With `quantizer: gptqmodel` the reference implementation (GPTQModel) quantizes instead, into the same layout.
+GPTQ solver (`pipeline.quantizers.gptq`); the layer is run again on its quantized weights to produce the next
+layer's inputs, so error does not compound unseen. Only one layer's weights, activations and Hessians are in memory
+at a time. With `quantizer: gptqmodel` the reference implementation (GPTQModel) quantizes instead, into the same
+layout.
 
-The artifact is the GPTQ v1 layout (`pipeline.quantizers.gptq.to_checkpoint`): qweight, qzeros (zero - 1), fp16 scales and
-g_idx per linear; everything else float16; config.json with `quantization_config` and a quantize_config.json; the
-source's tokenizer and chat template; safetensors shards above `shard_size`.
+The artifact is the GPTQ v1 layout (`pipeline.quantizers.gptq.to_checkpoint`): qweight, qzeros (zero - 1), fp16
+scales and g_idx per linear; everything else float16; config.json with `quantization_config` and a
+quantize_config.json; the source's tokenizer and chat template; safetensors shards above `shard_size`.
 
 Which architectures: the rows of `pipeline.archs` that list the decoder layer's linears (`gptq_linears`). The
 quantizer itself lives in `pipeline.quantizers` (`gptq` the solver, `layers` the calibration stream).

@@ -269,6 +269,33 @@ def dequantize(tensors: dict, prefix: str, quantization: dict):
     return (q * tensors[f"{prefix}.per_channel_scale"].float()).T
 
 
+def checkpoint_tensors(checkpoint: Checkpoint, n_layers: int, quant: str, gptq: dict | None, dtype,
+                       progress=None) -> dict[str, Any]:  # fmt: skip
+    """Every tensor of the TensorRT-LLM checkpoint, read from the source (or the GPTQ artifact) layer by layer."""
+    import torch
+
+    tensors = {trt: checkpoint.tensor(hf_name).to(dtype) for trt, hf_name in TOP.items()}
+    lm_head = "lm_head.weight" if "lm_head.weight" in checkpoint.names() else "model.embed_tokens.weight"
+    tensors["lm_head.weight"] = checkpoint.tensor(lm_head).to(dtype)
+    for i in range(n_layers):
+        prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
+        for trt, hf_name in NORMS.items():
+            tensors[f"{prefix}.{trt}.weight"] = checkpoint.tensor(f"{hf_prefix}.{hf_name}.weight").to(dtype)
+        for trt, members in LINEARS.items():
+            names = [f"{hf_prefix}.{m}" for m in members]
+            if gptq:
+                tensors.update(_gptq_linear(checkpoint, names, f"{prefix}.{trt}", gptq["config"], dtype))
+            else:
+                weight = torch.cat([checkpoint.tensor(f"{n}.weight") for n in names]).to(dtype)
+                tensors.update(linear_tensors(weight, f"{prefix}.{trt}", quant, dtype))
+            if f"{names[0]}.bias" in checkpoint.names():
+                bias = torch.cat([checkpoint.tensor(f"{n}.bias") for n in names])
+                tensors[f"{prefix}.{trt}.bias"] = bias.to(dtype)
+        if progress:
+            progress(i + 1, n_layers, "layers")
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
 class TensorRT(Format):
     name = "tensorrt"
     quants = ("fp16", "bf16", "w8a16", "w4a16", "w4a16_gptq")
@@ -313,46 +340,22 @@ class TensorRT(Format):
         import torch
         from safetensors.torch import save_file
 
-        options, quant, progress = self.options, self.quant, ctx.progress
-        dtype = torch.bfloat16 if quant == "bf16" else torch.float16
-        hf = source.config()
-        gptq = gptq_artifact(ctx.inputs[options.gptq_target], options.gptq_target) if quant == "w4a16_gptq" else None
-        group_size = gptq["config"]["group_size"] if gptq else None
-        config = checkpoint_config(hf, quant, group_size).model_dump(exclude_none=False)
-        config["weightsmith"] = {"weight_layout": "unprocessed" if quant in WEIGHT_BITS else "plain",
-                                 "source": source.spec,
-                                 "gptq_artifact": gptq["path"].name if gptq else None}  # fmt: skip
+        key = self.options.gptq_target
+        gptq = gptq_artifact(ctx.inputs[key], key) if self.quant == "w4a16_gptq" else None
+        config = checkpoint_config(source.config(), self.quant, gptq["config"]["group_size"] if gptq else None)
+        layout = "unprocessed" if self.quant in WEIGHT_BITS else "plain"
+        gptq_name = gptq["path"].name if gptq else None
+        written = config.model_dump(exclude_none=False)
+        written["weightsmith"] = {"weight_layout": layout, "source": source.spec, "gptq_artifact": gptq_name}
+        dtype = torch.bfloat16 if self.quant == "bf16" else torch.float16
         checkpoint = Checkpoint(gptq["path"] if gptq else source.path)
-        tensors = {}
-        for trt, hf_name in TOP.items():
-            tensors[trt] = checkpoint.tensor(hf_name).to(dtype)
-        lm_head = "lm_head.weight" if "lm_head.weight" in checkpoint.names() else "model.embed_tokens.weight"
-        tensors["lm_head.weight"] = checkpoint.tensor(lm_head).to(dtype)
-        for i in range(hf["num_hidden_layers"]):
-            prefix, hf_prefix = f"transformer.layers.{i}", f"model.layers.{i}"
-            for trt, hf_name in NORMS.items():
-                tensors[f"{prefix}.{trt}.weight"] = checkpoint.tensor(f"{hf_prefix}.{hf_name}.weight").to(dtype)
-            for trt, members in LINEARS.items():
-                names = [f"{hf_prefix}.{m}" for m in members]
-                if gptq:
-                    tensors.update(_gptq_linear(checkpoint, names, f"{prefix}.{trt}", gptq["config"], dtype))
-                else:
-                    weight = torch.cat([checkpoint.tensor(f"{n}.weight") for n in names]).to(dtype)
-                    tensors.update(linear_tensors(weight, f"{prefix}.{trt}", quant, dtype))
-                if f"{names[0]}.bias" in checkpoint.names():
-                    tensors[f"{prefix}.{trt}.bias"] = torch.cat([checkpoint.tensor(f"{n}.bias") for n in names]).to(
-                        dtype
-                    )
-            if progress:
-                progress(i + 1, hf["num_hidden_layers"], "layers")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, out_dir / "rank0.safetensors")
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        tensors = checkpoint_tensors(checkpoint, config.num_hidden_layers, self.quant, gptq, dtype, ctx.progress)
+        save_file(tensors, out_dir / "rank0.safetensors")
+        (out_dir / "config.json").write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
         for file in source.tokenizer_files:  # the engine's runner tokenizes with the source's files
-            if (source.path / file).is_file():
-                shutil.copy(source.path / file, out_dir / file)
-        return {"quant_algo": QUANT_ALGO[quant], "tensors": len(tensors), "weight_layout":
-                config["weightsmith"]["weight_layout"], "gptq_artifact": config["weightsmith"]["gptq_artifact"],
-                "steps": {"prepare": "ok"}}  # fmt: skip
+            shutil.copy(source.path / file, out_dir / file)
+        return {"quant_algo": QUANT_ALGO[self.quant], "tensors": len(tensors), "weight_layout": layout,
+                "gptq_artifact": gptq_name}  # fmt: skip
 
     def open_runtime(self, artifact: Path, reference, validation: Validation):
         """The prepared checkpoint mapped back into transformers: validated on any machine, against the source."""

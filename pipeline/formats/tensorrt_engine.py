@@ -31,6 +31,7 @@ from pipeline.formats.tensorrt_plain import INSTALL as INSTALL_TRT
 from pipeline.formats.tensorrt_plain import build_engine as build_plain_engine
 from pipeline.runtimes.tensorrt import runtime as plain_engine_runtime
 from pipeline.runtimes.tensorrt_llm import EngineRuntime, environment, installed
+from pipeline.types import Status
 
 INSTALL = "pip install 'tensorrt-llm==1.2.*' --extra-index-url https://pypi.nvidia.com (on a CUDA machine)"
 MIN_CAPABILITY = (7, 5)
@@ -87,17 +88,18 @@ def build_and_smoke(artifact_dir: Path, options, quant: str, reference, validati
         build = partial(build_plain_engine, onnx_dir, engine_dir, options, here)
         runtime = partial(plain_engine_runtime, engine_dir, onnx_dir, here)
     try:
-        build_info = {"status": "ok", **build()}
+        build_info = {"status": Status.OK, **build()}
     except Exception as exc:  # reported in the manifest; the checkpoint stays valid
-        failed = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
-        return {"build": failed, "smoke": {"status": "not_run", "reason": "engine_build_failed", "detail": str(exc)}}
+        failed = {"status": Status.FAILED, "reason": f"{type(exc).__name__}: {exc}"}
+        return {"build": failed, "smoke": {"status": Status.NOT_RUN, "reason": "engine_build_failed",
+                                           "detail": str(exc)}}  # fmt: skip
     try:
         from pipeline.validate import smoke_test
 
         result = smoke_test(runtime(), reference, validation)
-        smoke = {"status": "ok", "quality": result["quality"], "generation": result["smoke"]["generation"]}
+        smoke = {"status": Status.OK, "quality": result["quality"], "generation": result["smoke"]["generation"]}
     except Exception as exc:
-        smoke = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        smoke = {"status": Status.FAILED, "reason": f"{type(exc).__name__}: {exc}"}
     return {"build": build_info, "smoke": smoke}
 
 
