@@ -21,13 +21,18 @@ from prefect.runtime import deployment, flow_run
 from pipeline import convert as steps
 from pipeline import hardware, storage
 from pipeline.artifacts import candidate_dir, read_manifest
+from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe, load_recipe
 from pipeline.types import Manifest, SourceError, SourceInfo, Status, Step, now
 
 
 class TargetsFailed(RuntimeError):
-    """At least one target failed its build, validation or budget; the summary says which and why."""
+    """At least one target failed its build, validation or budget; `summary` (this run's) says which and why."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
 
 
 def _transient(task, task_run, state) -> bool:
@@ -68,22 +73,22 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
     skipping targets whose validated artifact is up to date unless `force`; `source`, `output` and
     `dispatch_timeout` override the recipe's own. Fail the run if any target fails."""
     started = now()
-    recipe = load_recipe(recipe_path).select(only).with_source(source)
-    if output:
-        recipe = recipe.model_copy(update={"output": output})
+    recipe = load_recipe(recipe_path).with_overrides(only, source, output)
     plan = make_plan(recipe)
-    info = resolve_source(recipe)
     handoff = Handoff(recipe_path, source, output, force, dispatch_timeout or recipe.dispatch_timeout_s)
-    manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current, inputs,
-                                                                            handoff))  # fmt: skip
-    summary = steps.summarize(recipe, info, manifests, started)
+    with output_lock(recipe.output_dir(), run_id=str(flow_run.id)):
+        info = resolve_source(recipe)
+        manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current,
+                                                                                inputs, handoff))  # fmt: skip
+        summary = steps.summarize(recipe, info, manifests, started)
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in Status}
     get_run_logger().info("%s: %s; summary in %s", recipe.name,
                           ", ".join(f"{n} {s}" for s, n in counts.items() if n), recipe.output_dir())  # fmt: skip
     failed = [row["target"] for row in summary["targets"] if row["status"] == Status.FAILED]
     if failed:
-        raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})")
+        raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})",
+                            summary)  # fmt: skip
     return summary
 
 

@@ -25,9 +25,7 @@ def run_step(recipe_path: str, target: str, step: str, source: str | None = None
              force: bool = False) -> str:  # fmt: skip
     if step not in {s.value for s in STEPS}:
         raise ValueError(f"unknown step {step!r} (steps: {', '.join(s.value for s in STEPS)})")
-    recipe = load_recipe(recipe_path).select([target]).with_source(source)
-    if output:
-        recipe = recipe.model_copy(update={"output": output})
+    recipe = load_recipe(recipe_path).with_overrides([target], source, output)
     plan = make_plan(recipe)
     info = resolve_source(recipe.source, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
     planned = next(s for s in plan.steps if s.key == target and s.step == step)

@@ -9,6 +9,7 @@ Why our own reader (the `safetensors` package reads the same files): we need its
 and the fix in one line, a short read to be an error rather than zeros, and the headers of every shard checked
 before a build starts. The layout is the safetensors specification: an 8-byte little-endian header length, a JSON
 header of dtype, shape and byte offsets per tensor (relative to the end of the header), then the data.
+Every floating-point tensor is checked for NaN and infinities as it is read (no extra pass over the file).
 Checks on open: the header length is within bounds and the file, the header is a JSON object, every entry's dtype is
 known and its byte span equals dtype size x shape, spans lie within the file and do not overlap; with an index file,
 its `weight_map` names exactly the tensors the shards hold, each in the shard that holds it. A read that comes up
@@ -38,6 +39,9 @@ DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
 }
+
+
+FLOATS = ("BF16", "F16", "F32", "F64")  # checked for NaN and infinities as they are read
 
 
 class CheckpointError(ValueError):
@@ -104,7 +108,11 @@ class Checkpoint:
         dtype = getattr(torch, DTYPES[entry["dtype"]][0])
         if not buffer:
             return torch.empty(entry["shape"], dtype=dtype)
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        tensor = torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        if entry["dtype"] in FLOATS and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{file.name}: tensor {name!r} holds NaN or infinite values: the checkpoint is "
+                                  f"damaged (or saved from a diverged run); nothing can be made of it")  # fmt: skip
+        return tensor
 
 
 def read_header(file: Path) -> tuple[int, dict[str, dict]]:

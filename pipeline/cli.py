@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 
+from pipeline.lock import OutputBusy
 from pipeline.recipe import RecipeError, load_recipe
 from pipeline.types import SourceError, SourceSpec
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SourceError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OutputBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,30 +65,31 @@ def _parser() -> argparse.ArgumentParser:
 def _convert(args) -> int:
     from pipeline.convert import run_recipe, summary_table
 
-    recipe = load_recipe(args.recipe).select(args.only).with_source(args.source)
+    recipe = load_recipe(args.recipe).with_overrides(args.only, args.source)
     logging.getLogger("weightsmith").setLevel(logging.INFO)
     if args.no_prefect:
         logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
         summary = run_recipe(recipe, force=args.force)
     else:
-        summary = _run_flow(args.recipe, recipe, args)
+        summary = _run_flow(args.recipe, args)
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
     print(f"report: {summary['report']}")
     return 0 if summary["ok"] else 1
 
 
-def _run_flow(path: str, recipe, args) -> dict:
+def _run_flow(path: str, args) -> dict:
+    """This run's summary (never one an earlier run left on disk); what stopped the flow before it had one is
+    raised."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flows.convert import convert
-    from pipeline.artifacts import SUMMARY
+    from flows.convert import TargetsFailed, convert
 
     state = convert(path, only=args.only, force=args.force, source=args.source, return_state=True)
-    summary_path = recipe.output_dir() / SUMMARY
-    if state.is_failed() and not summary_path.is_file():
-        state.result()  # re-raises what stopped the flow before any summary was written
-    return json.loads(summary_path.read_text(encoding="utf-8"))
+    try:
+        return state.result()
+    except TargetsFailed as failed:
+        return failed.summary
 
 
 def _validate(args) -> int:

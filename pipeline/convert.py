@@ -1,6 +1,7 @@
 """The steps of a plan as plain functions, and the loop that runs a plan: the same for the CLI and the Prefect flow.
 
-    prepare   resolve the source and describe it (before any step)
+    prepare   resolve the source and describe it, clear what killed runs left (before any step, holding the output
+              folder's lock: one writer per output, see pipeline.lock)
     build     write the artifact into its candidate folder (`.<folder>.candidate`), unless a validated artifact made
               from the same inputs is already published (then every later step of the target is skipped)
     validate  run the candidate in its own runtime against the source; judge it against the budget
@@ -41,6 +42,7 @@ from pipeline.artifacts import (
 from pipeline.files import staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
 from pipeline.handoff import chat_info, write_handoff
+from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe
 from pipeline.reference import reference
@@ -103,12 +105,12 @@ def run_step(recipe: Recipe, source: SourceInfo, plan: Plan, step: PlannedStep, 
 
 def run_recipe(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Every step of a recipe in order, without Prefect. Returns the run summary."""
-    started = now()
-    source = prepare(recipe)
-    plan = make_plan(recipe)
-    manifests = execute(plan, lambda step, current, inputs: run_step(recipe, source, plan, step, current, inputs,
-                                                                     force))  # fmt: skip
-    return summarize(recipe, source, manifests, started)
+    started, plan = now(), make_plan(recipe)
+    with output_lock(recipe.output_dir()):
+        source = prepare(recipe)
+        manifests = execute(plan, lambda step, current, inputs: run_step(recipe, source, plan, step, current, inputs,
+                                                                         force))  # fmt: skip
+        return summarize(recipe, source, manifests, started)
 
 
 def published(recipe: Recipe, key: str) -> Path:

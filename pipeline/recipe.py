@@ -115,9 +115,19 @@ class Recipe(Strict):
                 todo += Format.for_target(self.target(key)).depends_on()
         return self.model_copy(update={"targets": [t for t in self.targets if t.key in wanted]})
 
-    def with_source(self, source: str | None) -> Recipe:
-        """The recipe converting `source` (bundled:NAME, a folder or a hub id) instead of its own, when given."""
-        return self if not source else self.model_copy(update={"source": SourceSpec(id=source)})
+    def with_overrides(self, only: list[str] | None = None, source: str | None = None,
+                       output: str | None = None) -> Recipe:  # fmt: skip
+        """The recipe as a run's options change it (the CLI's and the flows' alike): only the targets named in `only`
+        (and those they are made from), converting `source` (bundled:NAME, a folder or a hub id) and writing to
+        `output` instead of its own, when given."""
+        recipe = self.select(only)
+        if source:
+            recipe = recipe.model_copy(update={"source": SourceSpec(id=source)})
+        if output:
+            if storage.is_url(output):
+                storage.check_url(output)
+            recipe = recipe.model_copy(update={"output": output})
+        return recipe
 
     def target(self, key: str) -> Target:
         return next(t for t in self.targets if t.key == key)

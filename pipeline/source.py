@@ -48,9 +48,8 @@ def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote
         revision = path.name  # snapshot folders are named after the commit
     else:
         raise SourceError(f"source {spec.id!r}: no such folder, and not a hub id of the form 'owner/name'")
-    return inspect_checkpoint(
-        path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-    )
+    return inspect_checkpoint(path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle,
+                              trust_remote_code=trust_remote_code)  # fmt: skip
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
@@ -92,6 +91,7 @@ def inspect_checkpoint(
     path = Path(path)
     if not (path / "config.json").is_file():
         raise SourceError(f"source {str(path)!r}: no config.json: not a Hugging Face checkpoint folder")
+    refuse_escaping_links(path, path.parent.parent if kind == "hub" else path)
     if not list(path.glob("*.safetensors")):
         path = _safetensors_from_pickle(path, allow_pickle)
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -147,6 +147,17 @@ def _safetensors_from_pickle(path: Path, allow_pickle: bool) -> Path:
                 if (path / name).is_file():
                     shutil.copy(path / name, tmp / name)
     return out
+
+
+def refuse_escaping_links(folder: Path, root: Path) -> None:
+    """SourceError for a file of the checkpoint that is a link leading outside `root` (the folder itself; for a hub
+    snapshot, the repository's cache folder, whose blobs its links point at): nothing outside may be read into an
+    artifact, a chat template least of all."""
+    root = root.resolve()
+    for item in folder.iterdir():
+        if item.is_symlink() and not item.resolve().is_relative_to(root):
+            raise SourceError(f"source {str(folder)!r}: {item.name} is a link to {item.resolve()}, outside the "
+                              f"checkpoint folder; copy the file in instead of linking it")  # fmt: skip
 
 
 def chat_template(path: Path) -> str | None:

@@ -4,20 +4,24 @@
 The steps always read and write a local folder. For a URL output that folder is a mirror in the weightsmith cache:
 a target's artifact is pulled from the storage before a step and pushed after it, so a worker on another machine
 (a step handed to the `cuda` or `apple` pool) finds what the previous step made. Object stores have no atomic
-rename, so a push first deletes the stored manifest, uploads every other file, removes stored files the artifact no
-longer has, and uploads the manifest last: a reader (a resumed run, another worker) never takes a half-uploaded
-folder for a complete one. A pull lands in a staging folder that replaces the mirror's only when complete.
+rename, so a push uploads every file, then the manifest, then removes stored files the artifact no longer has; a
+pull checks every file it downloads against the stored manifest's sha256, so a reader (a resumed run, another
+worker) never takes a half-uploaded folder for a complete one. A pull lands in a staging folder that replaces the
+mirror's only when complete, and refuses a manifest naming a path outside its folder (absolute, or with `..`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+import logging
+from pathlib import Path, PurePosixPath
 
-from pipeline.files import cache_root, staging_dir
+from pipeline.files import cache_root, file_sha256, staging_dir
+from pipeline.types import MANIFEST
 
-MANIFEST = "manifest.json"
+log = logging.getLogger("weightsmith")
+
 
 
 def is_url(output: str) -> bool:
@@ -72,16 +76,43 @@ def pull(output: str, model: str, folder: str) -> None:
     stored = _stored_manifest(fs, where)
     if stored is None or _same(local, stored):
         return
-    with staging_dir(local) as tmp:
-        for name in json.loads(stored)["files"]:
-            target = tmp / name["path"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{where}/{name['path']}", str(target))
-        (tmp / MANIFEST).write_text(stored, encoding="utf-8")
+    entries = json.loads(stored)["files"]
+    for entry in entries:
+        safe_path(entry["path"], f"{output}/{model}/{folder}/{MANIFEST}")
+    try:
+        with staging_dir(local) as tmp:
+            for entry in entries:
+                target = tmp / entry["path"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{where}/{entry['path']}", str(target))
+                if file_sha256(target) != entry["sha256"]:
+                    raise Incomplete(entry["path"])
+            (tmp / MANIFEST).write_text(stored, encoding="utf-8")
+    except Incomplete as exc:  # a push cut off mid-way: files newer than the manifest stored there
+        log.warning("%s/%s/%s: %s does not match its manifest (an upload was cut off): not taken", output, model,
+                    folder, exc)  # fmt: skip
+
+
+class Incomplete(Exception):
+    pass
+
+
+class StorageError(ValueError):
+    """Stored data that must not be used as it is (a path leaving its folder)."""
+
+
+def safe_path(path: str, where: str) -> PurePosixPath:
+    """A file path from a stored manifest, refused unless it stays inside its artifact folder."""
+    parts = PurePosixPath(path)
+    if not path or parts.is_absolute() or ".." in parts.parts or "\\" in path:
+        raise StorageError(f"{where} names the file {path!r}, which leaves its artifact folder: refused")
+    return parts
 
 
 def push(output: str, model: str, folder: str) -> None:
-    """Upload the mirror's `model/folder` to the storage, manifest last; nothing to do when both manifests agree."""
+    """Upload the mirror's `model/folder` to the storage: the files, then the manifest, then remove stored files the
+    artifact no longer has; nothing to do when both manifests agree. A reader that finds files newer than the stored
+    manifest (an upload cut off) sees their hashes differ and does not take them (`pull`)."""
     if not is_url(output):
         return
     local = mirror(output) / model / folder
@@ -92,16 +123,14 @@ def push(output: str, model: str, folder: str) -> None:
         return
     if _same(local, _stored_manifest(fs, where)):
         return
-    if fs.exists(f"{where}/{MANIFEST}"):
-        fs.rm_file(f"{where}/{MANIFEST}")
     files = sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file() and p.name != MANIFEST)
     for name in files:
         fs.makedirs(f"{where}/{name}".rsplit("/", 1)[0], exist_ok=True)
         fs.put_file(str(local / name), f"{where}/{name}")
-    for stored in fs.find(where):
-        if stored.removeprefix(where.rstrip("/") + "/") not in files:
-            fs.rm_file(stored)
     fs.put_file(str(local / MANIFEST), f"{where}/{MANIFEST}")
+    for stored in fs.find(where):
+        if stored.removeprefix(where.rstrip("/") + "/") not in [*files, MANIFEST]:
+            fs.rm_file(stored)
 
 
 def push_files(output: str, model: str, names: list[str]) -> None:

@@ -144,24 +144,26 @@ def write_direct(source: SourceInfo, quant: str, path: Path, name: str, split_ma
     generated = extra_tensors(arch, config)
 
     writer = gguf.GGUFWriter(path, arch.name, split_max_size=split_max_size or 0)
-    writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    add_hparams(writer, arch, config)
-    writer.add_file_type(file_type(quant))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    add_to_writer(writer, vocab, source.path)
-    for p in plan:
-        nbytes = int(np.prod(p.byte_shape))
-        writer.add_tensor_info(p.gguf_name, p.byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=p.qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    for i, p in enumerate(plan):
-        tensor = generated[p.gguf_name] if p.hf_name is None else checkpoint.tensor(p.hf_name)
-        writer.write_tensor_data(convert_tensor(tensor, p, arch, config))
-        if progress:
-            progress(i + 1, len(plan), p.gguf_name)
-    writer.close()
+    try:
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name)
+        add_hparams(writer, arch, config)
+        writer.add_file_type(file_type(quant))
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_to_writer(writer, vocab, source.path)
+        for p in plan:
+            nbytes = int(np.prod(p.byte_shape))
+            writer.add_tensor_info(p.gguf_name, p.byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=p.qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for i, p in enumerate(plan):
+            tensor = generated[p.gguf_name] if p.hf_name is None else checkpoint.tensor(p.hf_name)
+            writer.write_tensor_data(convert_tensor(tensor, p, arch, config))
+            if progress:
+                progress(i + 1, len(plan), p.gguf_name)
+    finally:
+        writer.close()  # on every path: an error (disk full, a bad tensor) must not leave the file open
     return plan, vocab
 
 
