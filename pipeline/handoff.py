@@ -81,6 +81,17 @@ def default_system(template: str) -> str | None:
     return found.group(1) if found else None
 
 
+def modelfile_value(text: str) -> str:
+    """`text` as one value of an Ollama Modelfile directive, read back exactly by Ollama's parser (parser/parser.go):
+    a value ends at the first space or newline after which it unquotes, and the parser has no escapes, so text that
+    is not one plain word goes in triple quotes. Text that cannot be written so (holding three quotes, or characters
+    the parser drops) raises ValueError: it is never allowed to end the value early and start a directive."""
+    if '"""' in text or any(not c.isprintable() and c not in "\n\r" for c in text):
+        raise ValueError(f"{text!r} cannot be written in a Modelfile (three quotes in a row, or control characters)")
+    plain = text and not any(c in text for c in ' \t\n\r"')
+    return f'"{text}"' if plain else f'"""{text}"""'
+
+
 def script(argv: list[str]) -> str:
     """A shell script that runs `argv` from its own folder (paths in argv are relative to it)."""
     return '#!/bin/sh\ncd "$(dirname "$0")"  # paths below are relative to this folder\n' + shlex.join(argv) + "\n"

@@ -15,6 +15,7 @@ import yaml
 
 from pipeline.chat import render_chat_template
 from pipeline.source import load_tokenizer
+from tests import ollama_modelfile
 from tests.conftest import write_recipe
 
 TARGETS = [("gguf", "q8_0"), ("gptq", "int4"), ("mlx", "q8"), ("tensorrt", "fp16")]
@@ -68,38 +69,19 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert gguf_point > 30 and axis_text > 200, "the chart is not on screen"
 
 
-def parse_modelfile(text: str) -> list[tuple[str, str]]:
-    """Ollama's Modelfile grammar: `COMMAND value` lines, values quoted with \"\"\" across lines, # comments."""
-    commands, lines, i = [], text.splitlines(), 0
-    while i < len(lines):
-        line = lines[i].strip()
-        i += 1
-        if not line or line.startswith("#"):
-            continue
-        command, _, value = line.partition(" ")
-        assert command.upper() in {"FROM", "TEMPLATE", "SYSTEM", "PARAMETER", "ADAPTER", "LICENSE", "MESSAGE"}, line
-        if value.startswith('"""'):
-            value = value[3:]
-            while '"""' not in value:
-                value += "\n" + lines[i]
-                i += 1
-            value = value[: value.index('"""')]
-        commands.append((command.upper(), value))
-    return commands
-
-
 def test_gguf_handoff_files(run):
     recipe, _, source = run
     folder = recipe.output_dir() / "gguf-q8_0"
-    commands = parse_modelfile((folder / "Modelfile").read_text())
-    (gguf_from,) = [v for c, v in commands if c == "FROM"]
+    commands = ollama_modelfile.parse((folder / "Modelfile").read_text())  # as `ollama create` reads it
+    assert {c for c, _ in commands} == {"model", "template", "system", "stop", "num_ctx"}
+    (gguf_from,) = [v for c, v in commands if c == "model"]
     assert (folder / gguf_from).is_file()
-    stops = [v.split(" ", 1)[1].strip('"') for c, v in commands if c == "PARAMETER" and v.startswith("stop")]
+    stops = [v for c, v in commands if c == "stop"]
     tokenizer = load_tokenizer(source)
     assert tokenizer.eos_token in stops
-    (template,) = [v for c, v in commands if c == "TEMPLATE"]
+    (template,) = [v for c, v in commands if c == "template"]
     assert "{{ range .Messages }}" in template.replace("{{- range", "{{ range") and "<|im_start|>" in template
-    (system,) = [v for c, v in commands if c == "SYSTEM"]
+    (system,) = [v for c, v in commands if c == "system"]
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert rendered.startswith(f"<|im_start|>system\n{system}<|im_end|>")  # the template's default system prompt
     localai = yaml.safe_load((folder / "localai.yaml").read_text())
@@ -151,3 +133,25 @@ def test_model_cards_and_other_handoffs(run):
     assert shlex.split((root / "mlx-q8" / "mlx-server.sh").read_text().splitlines()[-1])[0] == "mlx_lm.server"
     serve = (root / "tensorrt-fp16" / "trtllm-serve.sh").read_text().splitlines()[-1]
     assert shlex.split(serve)[0] == "trtllm-serve"
+
+
+@pytest.mark.parametrize("text", ["<|im_end|>", "</s>", "a b", 'say "hi"', 'ends with "', "two\nlines",
+                                  '"\nADAPTER /etc/passwd\nPARAMETER stop "', "x\nSYSTEM evil", "\n"])  # fmt: skip
+def test_modelfile_values_cannot_add_a_directive(text):
+    """Any stop string or system prompt a tokenizer or template may carry is read back by Ollama's parser as exactly
+    that one value, or refused; never as another directive."""
+    from pipeline.handoff import modelfile_value
+
+    written = f"FROM ./m.gguf\nPARAMETER stop {modelfile_value(text)}\nSYSTEM {modelfile_value(text)}\n"
+    assert ollama_modelfile.parse(written) == [("model", "./m.gguf"), ("stop", text), ("system", text)]
+
+
+@pytest.mark.parametrize("text", ['a"""\nADAPTER x\n"""', "tab\there", ""])
+def test_modelfile_values_ollama_cannot_read_back_are_refused(text):
+    from pipeline.handoff import modelfile_value
+
+    if text:
+        with pytest.raises(ValueError, match="cannot be written in a Modelfile"):
+            modelfile_value(text)
+    else:
+        assert ollama_modelfile.parse(f"FROM ./m.gguf\nPARAMETER stop {modelfile_value(text)}\n")[1] == ("stop", "")

@@ -256,14 +256,15 @@ class GGUF(Format):
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
         """An Ollama Modelfile, a LocalAI model config and a llama-server script."""
         file = manifest.build["file"]
-        lines = [f"# Ollama Modelfile for {manifest.model} {manifest.quant} (weightsmith)", f"FROM ./{file}"]
+        value = handoff.modelfile_value
+        lines = ["# Ollama Modelfile (weightsmith)", f"FROM ./{file}"]
         if template := handoff.ollama_template(chat["template"]):
-            lines.append(f'TEMPLATE """{template}"""')
+            lines.append(f"TEMPLATE {value(template)}")
             if system := handoff.default_system(chat["template"]):
-                lines.append(f'SYSTEM """{system}"""')
+                lines.append(f"SYSTEM {value(system)}")
         else:
             lines.append("# TEMPLATE: none written; Ollama takes the chat template stored in the GGUF")
-        lines += [f'PARAMETER stop "{s}"' for s in chat["stop"]]
+        lines += [f"PARAMETER stop {value(s)}" for s in chat["stop"]]
         lines.append(f"PARAMETER num_ctx {chat['context']}")
         localai = {"name": handoff.model_name(manifest), "backend": "llama-cpp", "context_size": chat["context"],
                    "parameters": {"model": file}, "template": {"use_tokenizer_template": True},
