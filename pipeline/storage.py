@@ -23,7 +23,6 @@ from pipeline.types import MANIFEST
 log = logging.getLogger("weightsmith")
 
 
-
 def is_url(output: str) -> bool:
     return "://" in output
 

@@ -42,8 +42,16 @@ TINY_CONFIGS = {
     ),
     # added by a row of pipeline/archs.py alone (GGUF and MLX)
     "olmo2": dict(SMALL, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
-    "granite": dict(SMALL, rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, embedding_multiplier=6.0,
-                    attention_multiplier=0.2, residual_multiplier=0.3, logits_scaling=4.0),
+    "granite": dict(
+        SMALL,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        embedding_multiplier=6.0,
+        attention_multiplier=0.2,
+        residual_multiplier=0.3,
+        logits_scaling=4.0,
+    ),
     "phi3": dict(
         SMALL,
         num_key_value_heads=4,

@@ -49,7 +49,7 @@ def test_declarations(name):
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_option_errors_name_the_key(name):
     fmt = FORMATS[name]
-    with pytest.raises(FormatError, match=rf"unknown option 'no_such_option' \(options: "):
+    with pytest.raises(FormatError, match=r"unknown option 'no_such_option' \(options: "):
         Format.for_target(Target(format=name, quant=fmt.quants[0], options={"no_such_option": 1}))
     with pytest.raises(FormatError, match=rf"{name} has no quant 'q9' \(quants: "):
         Format.for_target(Target(format=name, quant="q9"))

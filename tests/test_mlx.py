@@ -26,8 +26,13 @@ def models(tiny_model, tmp_path_factory, smollm2_dir):
     # qwen2 with a rope theta unlike mlx-lm's qwen2 default (1e6): a config that loses it gives wrong logits
     odd_rope = make_tiny_model(tmp_path_factory.mktemp("qwen2-rope"), "qwen2", smollm2_dir, rope_theta=2500.0)
     llama = make_tiny_model(tmp_path_factory.mktemp("llama-rope"), "llama", smollm2_dir, rope_theta=2500.0)
-    return {"llama": llama, "qwen2": odd_rope, "qwen3": tiny_model("qwen3"), "olmo2": tiny_model("olmo2"),
-            "granite": tiny_model("granite")}
+    return {
+        "llama": llama,
+        "qwen2": odd_rope,
+        "qwen3": tiny_model("qwen3"),
+        "olmo2": tiny_model("olmo2"),
+        "granite": tiny_model("granite"),
+    }
 
 
 def convert(source_dir, tmp_path, quant, **options):
