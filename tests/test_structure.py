@@ -70,7 +70,8 @@ def test_ground_types_import_nothing_of_ours():
 def test_formats_are_reached_only_through_their_contract():
     """The plan, the steps, the recipe and the flows never probe a format with hasattr/getattr."""
     callers = ["pipeline/convert.py", "pipeline/plan.py", "pipeline/recipe.py", "pipeline/handoff.py",
-               "pipeline/report.py", "pipeline/formats/__init__.py", *map(str, (REPO / "flows").glob("*.py"))]  # fmt: skip
+               "pipeline/report.py", "pipeline/formats/__init__.py",
+               *map(str, (REPO / "flows").glob("*.py"))]  # fmt: skip
     probes = []
     for file in callers:
         path = REPO / file
