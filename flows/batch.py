@@ -11,17 +11,14 @@ from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
+from prefect.states import Failed, State
 
 from flows.convert import convert
 from pipeline.types import Status
 
 
-class RecipesFailed(RuntimeError):
-    """At least one recipe of the batch failed; the batch table says which and why."""
-
-
 @flow(name="batch", flow_run_name="batch {folder}", log_prints=True)
-def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False) -> list[dict]:
+def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False) -> list[dict] | State:
     """Convert every recipe matching `pattern` in `folder`; fail the run if any recipe failed."""
     paths = sorted(Path(folder).glob(pattern))
     if not paths:
@@ -40,5 +37,5 @@ def batch(folder: str = "recipes", pattern: str = "*.yaml", force: bool = False)
                           description=f"weightsmith batch over {folder}")  # fmt: skip
     failed = [r["recipe"] for r in results if r["status"] == Status.FAILED]
     if failed:
-        raise RecipesFailed(f"{len(failed)} of {len(results)} recipe(s) failed: {', '.join(failed)}")
+        return Failed(message=f"{len(failed)} of {len(results)} recipe(s) failed: {', '.join(failed)}", data=results)
     return results

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
+from prefect.states import Failed, State
 
 from pipeline import convert as steps
 from pipeline import hardware, storage
@@ -24,15 +25,19 @@ from pipeline.artifacts import candidate_dir, read_manifest
 from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe, load_recipe
-from pipeline.types import Manifest, SourceError, SourceInfo, Status, Step, now
-
-
-class TargetsFailed(RuntimeError):
-    """At least one target failed its build, validation or budget; `summary` (this run's) says which and why."""
-
-    def __init__(self, message: str, summary: dict):
-        super().__init__(message)
-        self.summary = summary
+from pipeline.types import (
+    ExitCode,
+    InputError,
+    Manifest,
+    OutputBusy,
+    SourceError,
+    SourceInfo,
+    Status,
+    Step,
+    exit_code,
+    now,
+    one_line,
+)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -42,8 +47,13 @@ def _transient(task, task_run, state) -> bool:
 
 
 @task(name="resolve-source", retries=2, retry_delay_seconds=10, retry_condition_fn=_transient, cache_policy=NO_CACHE)
-def resolve_source(recipe: Recipe) -> SourceInfo:
-    return steps.prepare(recipe)
+def resolve_source(recipe: Recipe, plan: Plan) -> SourceInfo | str:
+    """The source, resolved and checked (see `pipeline.convert.prepare`); a problem with the user's input comes back
+    as its message, since a task that raises logs a traceback where one line says it all."""
+    try:
+        return steps.prepare(recipe, plan)
+    except InputError as exc:
+        return str(exc)
 
 
 @task(name="step", task_run_name="{step}", cache_policy=NO_CACHE)
@@ -68,27 +78,34 @@ def hardware_tags(step: PlannedStep) -> list[str]:
 
 @flow(name="convert", flow_run_name=_run_name, log_prints=True)
 def convert(recipe_path: str, only: list[str] | None = None, force: bool = False, source: str | None = None,
-            output: str | None = None, dispatch_timeout: int | None = None) -> dict:  # fmt: skip
+            output: str | None = None, dispatch_timeout: int | None = None) -> dict | State:  # fmt: skip
     """Build and validate every target of the recipe at `recipe_path` (or only the targets named in `only`),
     skipping targets whose validated artifact is up to date unless `force`; `source`, `output` and
-    `dispatch_timeout` override the recipe's own. Fail the run if any target fails."""
+    `dispatch_timeout` override the recipe's own. Returns the run's summary; a run in which a target failed ends
+    Failed with the summary as its data, one stopped by bad input or a busy output ends Failed with one line, both
+    messages starting with the exit code (`exit 1: ...`, see pipeline.types.ExitCode)."""
     started = now()
-    recipe = load_recipe(recipe_path).with_overrides(only, source, output)
-    plan = make_plan(recipe)
-    handoff = Handoff(recipe_path, source, output, force, dispatch_timeout or recipe.dispatch_timeout_s)
-    with output_lock(recipe.output_dir(), run_id=str(flow_run.id)):
-        info = resolve_source(recipe)
-        manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current,
-                                                                                inputs, handoff))  # fmt: skip
-        summary = steps.summarize(recipe, info, manifests, started)
+    try:
+        recipe = load_recipe(recipe_path).with_overrides(only, source, output)
+        plan = make_plan(recipe)
+        handoff = Handoff(recipe_path, source, output, force, dispatch_timeout or recipe.dispatch_timeout_s)
+        with output_lock(recipe.output_dir(), run_id=str(flow_run.id)):
+            info = resolve_source(recipe, plan)
+            if isinstance(info, str):
+                raise InputError(info)
+            manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current,
+                                                                                    inputs, handoff))  # fmt: skip
+            summary = steps.summarize(recipe, info, manifests, started)
+    except (InputError, OutputBusy, OSError) as exc:
+        return Failed(message=f"exit {exit_code(exc).value}: {one_line(exc)}")
     publish(summary)
     counts = {s: sum(r["status"] == s for r in summary["targets"]) for s in Status}
     get_run_logger().info("%s: %s; summary in %s", recipe.name,
                           ", ".join(f"{n} {s}" for s, n in counts.items() if n), recipe.output_dir())  # fmt: skip
     failed = [row["target"] for row in summary["targets"] if row["status"] == Status.FAILED]
     if failed:
-        raise TargetsFailed(f"{len(failed)} target(s) failed: {', '.join(failed)} (see {recipe.output_dir()})",
-                            summary)  # fmt: skip
+        return Failed(message=f"exit {ExitCode.FAILED.value}: {len(failed)} target(s) failed: {', '.join(failed)} "
+                              f"(see {recipe.output_dir()})", data=summary)  # fmt: skip
     return summary
 
 

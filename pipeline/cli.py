@@ -4,7 +4,10 @@
     weightsmith validate RECIPE     check a recipe without running it
     weightsmith inspect SOURCE      resolve a source (bundled:NAME, folder or hub id) and describe the checkpoint
 
-Exit status: 0 when every target is ok or honestly not run, 1 when a target failed, 2 for a bad recipe or source.
+Exit status (`pipeline.types.ExitCode`, the same for a flow run's final message): 0 every target ok, not_run or
+refused; 1 a target failed; 2 bad input (recipe, source, a text it names); 3 another run is writing into the output
+folder; 4 the machine cannot do it (output not writable, disk full); 5 a bug (rerun with --debug). Errors are one
+line on stderr; `--debug` adds the traceback and the libraries' debug logs.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 
-from pipeline.lock import OutputBusy
-from pipeline.recipe import RecipeError, load_recipe
-from pipeline.types import SourceError, SourceSpec
+from pipeline.recipe import load_recipe
+from pipeline.types import ExitCode, SourceSpec, exit_code, one_line
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry heartbeat from the ephemeral server
@@ -29,20 +32,25 @@ PREFECT_DEFAULTS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    logging.getLogger("weightsmith").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args)
-    except (RecipeError, SourceError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OutputBusy as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 3
+    except KeyboardInterrupt:
+        print("interrupted: published artifacts are as they were; the next run clears what this one left",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return exit_code(exc)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="weightsmith", description="Convert Hugging Face checkpoints into validated GGUF (and more) artifacts."
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and the libraries' debug logs")
     sub = parser.add_subparsers(dest="command", required=True)
     convert = sub.add_parser("convert", help="build and validate every target of a recipe")
     convert.add_argument("recipe", help="path to a recipe YAML file")
@@ -66,30 +74,34 @@ def _convert(args) -> int:
     from pipeline.convert import run_recipe, summary_table
 
     recipe = load_recipe(args.recipe).with_overrides(args.only, args.source)
-    logging.getLogger("weightsmith").setLevel(logging.INFO)
     if args.no_prefect:
         logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
         summary = run_recipe(recipe, force=args.force)
     else:
-        summary = _run_flow(args.recipe, args)
+        summary = _run_flow(args)
+        if isinstance(summary, str):  # the run stopped before it had a summary: its one line says why
+            code, _, message = summary.partition(": ")
+            print(f"error: {message}", file=sys.stderr)
+            return int(code.removeprefix("exit ")) if code.startswith("exit ") else ExitCode.INTERNAL
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
     print(f"report: {summary['report']}")
-    return 0 if summary["ok"] else 1
+    return ExitCode.OK if summary["ok"] else ExitCode.FAILED
 
 
-def _run_flow(path: str, args) -> dict:
-    """This run's summary (never one an earlier run left on disk); what stopped the flow before it had one is
-    raised."""
+def _run_flow(args) -> dict | str:
+    """This run's summary (never one an earlier run left on disk), or the message of a run that ended without one."""
     for key, value in PREFECT_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    from flows.convert import TargetsFailed, convert
+    from flows.convert import convert
 
-    state = convert(path, only=args.only, force=args.force, source=args.source, return_state=True)
-    try:
-        return state.result()
-    except TargetsFailed as failed:
-        return failed.summary
+    state = convert(args.recipe, only=args.only, force=args.force, source=args.source, return_state=True)
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, dict):
+        return result
+    if isinstance(result, BaseException):
+        raise result
+    return state.message or f"exit {ExitCode.INTERNAL.value}: the flow run ended {state.name}"
 
 
 def _validate(args) -> int:

@@ -39,30 +39,68 @@ from pipeline.artifacts import (
     verify_files,
     write_manifest,
 )
+from pipeline.corpus import calibration_samples, load_text
 from pipeline.files import staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
 from pipeline.handoff import chat_info, write_handoff
 from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe
-from pipeline.reference import reference
+from pipeline.reference import eval_chunks, reference
 from pipeline.report import write_report
-from pipeline.source import resolve_source
-from pipeline.types import MANIFEST, FormatError, Manifest, SourceInfo, Status, Step, Target, folder_of, now
+from pipeline.source import load_tokenizer, resolve_source
+from pipeline.types import (
+    MANIFEST,
+    FormatError,
+    InputError,
+    Manifest,
+    SourceError,
+    SourceInfo,
+    Status,
+    Step,
+    Target,
+    folder_of,
+    now,
+)
 from pipeline.validate import QUALITY_FIGURES, judge
 
 log = logging.getLogger("weightsmith")
 Runner = Callable[[PlannedStep, "Manifest | None", dict[str, Manifest]], Manifest]
 
 
-def prepare(recipe: Recipe) -> SourceInfo:
+def prepare(recipe: Recipe, plan: Plan | None = None) -> SourceInfo:
+    """Resolve and describe the source, check what the plan will read (tokenizer, held-out and calibration texts),
+    and clear what killed runs left: all before any build. Call it holding the output folder's lock."""
     log.info("resolving source %s", recipe.source.id)
     source = resolve_source(recipe.source, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
     log.info("source: %s (%s, %.1fM parameters, %s, %d shard(s)) at %s", source.architecture, source.model_type,
              source.n_params / 1e6, source.dtype, len(source.shards), source.path)  # fmt: skip
+    preflight(recipe, plan or make_plan(recipe), source)
     for stale in remove_stale(recipe.output_dir()) if recipe.output_dir().exists() else []:
         log.warning("removed %s left by an interrupted run", stale.name)
     return source
+
+
+def preflight(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
+    """InputError for a tokenizer, held-out or calibration text the plan cannot use, found before any build."""
+    if not {"tokenizer.json", "tokenizer.model"} & set(source.tokenizer_files):
+        raise SourceError(f"source {source.spec!r} has no tokenizer (tokenizer.json or tokenizer.model): add the "
+                          f"model's tokenizer files to {source.path}")  # fmt: skip
+    tokenizer = load_tokenizer(source.path, source.trust_remote_code)
+    validation, calibration = recipe.validation, recipe.calibration
+    try:
+        eval_chunks(tokenizer, load_text(validation.held_out, "held_out"), validation.eval_tokens, validation.context)
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"validation.held_out {validation.held_out!r}: {exc}: give a longer text, or lower "
+                         f"validation.eval_tokens or context") from None  # fmt: skip
+    if any(fmt.calibrates for fmt in plan.formats.values()):
+        text = load_text(calibration.text, "calibration")
+        try:
+            calibration_samples(tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+        except ValueError as exc:
+            raise InputError(f"calibration.text {calibration.text!r}: {exc}") from None
 
 
 def should_run(step: PlannedStep, current: Manifest | None) -> bool:
@@ -107,7 +145,7 @@ def run_recipe(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     """Every step of a recipe in order, without Prefect. Returns the run summary."""
     started, plan = now(), make_plan(recipe)
     with output_lock(recipe.output_dir()):
-        source = prepare(recipe)
+        source = prepare(recipe, plan)
         manifests = execute(plan, lambda step, current, inputs: run_step(recipe, source, plan, step, current, inputs,
                                                                          force))  # fmt: skip
         return summarize(recipe, source, manifests, started)

@@ -10,6 +10,8 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
+from pipeline.types import InputError
+
 BUILTIN = "builtin:corpus"
 CORPUS_FILE = Path(__file__).parent / "data" / "corpus.txt"
 EVAL_FRACTION = 0.2
@@ -24,13 +26,23 @@ def split_corpus(text: str, eval_fraction: float = EVAL_FRACTION) -> tuple[str, 
 
 
 def load_text(spec: str, part: Literal["calibration", "held_out"]) -> str:
+    """The text a recipe names (InputError, saying what to do, when it cannot be read)."""
     if spec == BUILTIN:
         calibration, held_out = split_corpus(CORPUS_FILE.read_text(encoding="utf-8"))
         return calibration if part == "calibration" else held_out
     path = Path(spec).expanduser()
+    key = "calibration.text" if part == "calibration" else "validation.held_out"
     if not path.is_file():
-        raise FileNotFoundError(f"{part} text {spec!r}: no such file (use {BUILTIN!r} or a path to a UTF-8 text file)")
-    return path.read_text(encoding="utf-8")
+        raise InputError(f"{key} {spec!r}: no such file (use {BUILTIN!r} or a path to a UTF-8 text file)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{key} {spec!r}: not UTF-8 text (byte {exc.start}): convert it to UTF-8") from None
+    except OSError as exc:
+        raise InputError(f"{key} {spec!r}: cannot be read ({exc.strerror}): check its permissions") from None
+    if not text.strip():
+        raise InputError(f"{key} {spec!r}: the file is empty")
+    return text
 
 
 def bos_prefix(tokenizer) -> list[int]:

@@ -20,13 +20,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from pipeline.types import now
+from pipeline.types import OutputBusy, now
 
 LOCK = ".weightsmith.lock"
-
-
-class OutputBusy(RuntimeError):
-    """Another run is writing into this output folder."""
 
 
 @contextlib.contextmanager

@@ -16,11 +16,7 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from pipeline import storage
 from pipeline.formats import FORMATS
 from pipeline.formats.base import Format
-from pipeline.types import Budget, Calibration, FormatError, SourceSpec, Strict, Target, Validation
-
-
-class RecipeError(ValueError):
-    """A recipe that cannot be used; `str()` is one line per problem, each naming file, line and key."""
+from pipeline.types import Budget, Calibration, FormatError, RecipeError, SourceSpec, Strict, Target, Validation
 
 
 class RecipeTarget(Target):

@@ -94,7 +94,9 @@ def inspect_checkpoint(
     refuse_escaping_links(path, path.parent.parent if kind == "hub" else path)
     if not list(path.glob("*.safetensors")):
         path = _safetensors_from_pickle(path, allow_pickle)
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_json(path / "config.json")
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise SourceError(f"source {str(path)!r}: config.json has no model_type: not a transformers model config")
     if config.get("auto_map") and not trust_remote_code:
         raise SourceError(
             f"source {str(path)!r}: the config asks to run the model's own code (auto_map); "
@@ -160,12 +162,21 @@ def refuse_escaping_links(folder: Path, root: Path) -> None:
                               f"checkpoint folder; copy the file in instead of linking it")  # fmt: skip
 
 
+def read_json(path: Path):
+    """A JSON file of the checkpoint; SourceError saying which, when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"source file {str(path)!r} is not valid JSON ({exc}): re-download the checkpoint") from None
+
+
 def chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     for name, key in (("chat_template.json", "chat_template"), ("tokenizer_config.json", "chat_template")):
         if (path / name).is_file():
-            value = json.loads((path / name).read_text(encoding="utf-8")).get(key)
+            value = read_json(path / name)
+            value = value.get(key) if isinstance(value, dict) else None
             if isinstance(value, str):
                 return value
     return None

@@ -6,15 +6,15 @@
 - `Target`: one artifact a recipe asks for (format, quant, options).
 - `Calibration`, `Validation`, `Budget`: the settings a target is built and judged with.
 - `FileEntry`, `Manifest`: an artifact folder's record of itself.
-- `FormatError`, `SourceError`: a target that a format cannot produce from a source, raised before anything is
-  written; a source that cannot be used.
+- `FormatError`: a target that a format cannot produce from a source, raised before anything is written.
+- `InputError` (`SourceError`, `RecipeError`), `OutputBusy`, and the `ExitCode` each error ends a run with.
 """
 
 from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from enum import Enum
+from enum import Enum, IntEnum
 from pathlib import Path
 from typing import Any, Literal
 
@@ -58,8 +58,53 @@ class FormatError(ValueError):
     """A target that this format cannot produce from this source; raised before any output is written."""
 
 
-class SourceError(ValueError):
+class InputError(ValueError):
+    """Something the user gave cannot be used (a recipe, a source, a text it names); the message is one line or more,
+    each saying what, where and how to fix it."""
+
+
+class SourceError(InputError):
     """The source cannot be used; the message says why and what to do."""
+
+
+class RecipeError(InputError):
+    """A recipe that cannot be used; `str()` is one line per problem, each naming file, line and key."""
+
+
+class OutputBusy(RuntimeError):
+    """Another run is writing into this output folder."""
+
+
+class ExitCode(IntEnum):
+    """What `weightsmith convert` exits with, and what a failed flow run's message starts with (`exit 2: ...`)."""
+
+    OK = 0  # every target ok, not_run or refused
+    FAILED = 1  # a target failed its build, validation or budget
+    BAD_INPUT = 2  # the recipe, the source or a text it names cannot be used
+    BUSY = 3  # another run is writing into the output folder
+    ENVIRONMENT = 4  # the machine cannot do it: the output is not writable, the disk is full
+    INTERNAL = 5  # a bug in weightsmith: rerun with --debug and report the traceback
+
+
+def exit_code(exc: BaseException) -> ExitCode:
+    """The exit code an error ends a run with."""
+    if isinstance(exc, InputError):
+        return ExitCode.BAD_INPUT
+    if isinstance(exc, OutputBusy):
+        return ExitCode.BUSY
+    if isinstance(exc, OSError):
+        return ExitCode.ENVIRONMENT
+    return ExitCode.INTERNAL
+
+
+def one_line(exc: BaseException) -> str:
+    """An error as the user reads it: what, where, how to fix, without a traceback."""
+    if isinstance(exc, OSError) and exc.filename:
+        fix = "free space, or set output to another disk" if exc.errno == 28 else "check the path and its permissions"
+        return f"cannot write or read {exc.filename}: {exc.strerror}; {fix}"
+    if exit_code(exc) == ExitCode.INTERNAL:
+        return f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)"
+    return str(exc)
 
 
 class Strict(BaseModel):

@@ -33,7 +33,7 @@ def test_a_rerun_after_sigkill_resumes(tiny_llama, tmp_path):
     root = tmp_path / "artifacts" / "test-model"
     run = cli("convert", "--no-prefect", str(path))
     deadline = time.monotonic() + 300
-    while not list(root.glob(".gptq-int4.partial-*")) and run.poll() is None and time.monotonic() < deadline:
+    while not list(root.glob("..gptq-int4.candidate.partial-*")) and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     assert run.poll() is None, "the run ended before the GPTQ build could be interrupted"
     os.kill(run.pid, signal.SIGKILL)
@@ -44,11 +44,11 @@ def test_a_rerun_after_sigkill_resumes(tiny_llama, tmp_path):
     rerun = cli("convert", "--no-prefect", str(path))
     out, _ = rerun.communicate(timeout=600)
     assert rerun.returncode == 0, out
-    assert "gguf/f16: up to date" in out and "removed .gptq-int4.partial-" in out
+    assert "gguf/f16: up to date" in out and "removed ..gptq-int4.candidate.partial-" in out
     again = json.loads((root / "gguf-f16" / "manifest.json").read_text())
     assert again == first  # untouched: same timestamps, same file hashes
     assert json.loads((root / "gptq-int4" / "manifest.json").read_text())["status"] == "ok"
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    assert [p.name for p in root.iterdir() if p.name.startswith(".")] == [".weightsmith.lock"]  # no leftovers
 
     forced = cli("convert", "--no-prefect", "--force", "--only", "gguf/f16", str(path))
     out, _ = forced.communicate(timeout=600)

@@ -105,6 +105,11 @@ class Format:
         """Keys of the recipe targets whose validated artifacts this one is made from."""
         return []
 
+    @property
+    def calibrates(self) -> bool:
+        """Whether the build reads the recipe's calibration text (checked before any build when it does)."""
+        return False
+
     def missing_dependency(self, step: Step) -> str | None:
         """Why `step` cannot run in this environment (a missing package, named with its extra), or None."""
         return None

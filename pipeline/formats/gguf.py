@@ -198,6 +198,10 @@ class GGUF(Format):
         if options.base != "auto" and quant in DIRECT:
             raise FormatError(f"base applies to llama.cpp-quantized types, not {quant}")
 
+    @property
+    def calibrates(self) -> bool:
+        return self.options.imatrix
+
     def missing_dependency(self, step: Step) -> str | None:
         if step == Step.VALIDATE or self.quant in LLAMA_CPP:
             return missing_modules({"llama_cpp": "llama-cpp-python"}, self.extra)

@@ -92,6 +92,10 @@ class GPTQ(Format):
         return QuantSpec(bits=bits(self.quant), group_size=o.group_size, sym=o.sym, desc_act=o.desc_act,
                          static_groups=o.static_groups, damp=o.damp)  # fmt: skip
 
+    @property
+    def calibrates(self) -> bool:
+        return True
+
     def missing_dependency(self, step: Step) -> str | None:
         if step == Step.BUILD and self.options.quantizer == "gptqmodel":
             try:
