@@ -61,6 +61,7 @@ from pipeline.types import (
     Target,
     folder_of,
     now,
+    one_line,
 )
 from pipeline.validate import QUALITY_FIGURES, judge
 
@@ -212,7 +213,7 @@ def build(recipe: Recipe, source: SourceInfo, fmt: Format, inputs: dict[str, Man
             manifest = write_manifest(tmp, manifest)
     except Exception as exc:  # recorded, not raised: the other targets go on
         log.debug("%s", traceback.format_exc())
-        return _outcome(manifest.with_step(Step.BUILD, Status.FAILED, f"build: {exc}"))
+        return _outcome(manifest.with_step(Step.BUILD, Status.FAILED, f"build: {one_line(exc)}"))
     log.info("%s: built (%.1f MB) in %.1f s", target.key, manifest.size / 1e6, manifest.timings["build_s"])
     return manifest
 
@@ -233,7 +234,7 @@ def validate(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
         result = fmt.validate(folder, reference(source, recipe.validation, recipe.dtype), recipe.validation)
     except Exception as exc:
         log.debug("%s", traceback.format_exc())
-        return _record(folder, current.with_step(Step.VALIDATE, Status.FAILED, f"validation crashed: {exc}"))
+        return _record(folder, current.with_step(Step.VALIDATE, Status.FAILED, f"validation crashed: {one_line(exc)}"))
     quality = result["quality"]
     failures = result["failures"] + judge(quality, recipe.budget(target), result["smoke"]["tokenizer"])
     updates = {

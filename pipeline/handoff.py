@@ -120,8 +120,8 @@ def model_card(manifest: Manifest, handoff: dict[str, str], library: str) -> str
         "",
         f"# {manifest.model} — {manifest.format} {manifest.quant}",
         "",
-        f"Converted from `{manifest.source.get('spec')}` by weightsmith and validated in its own runtime against "
-        "the source model (held-out perplexity, top-1 agreement and KL divergence of next-token predictions).",
+        f"Converted from {md_code(manifest.source.get('spec', ''))} by weightsmith and validated in its own runtime "
+        "against the source model (held-out perplexity, top-1 agreement and KL divergence of next-token predictions).",
         "",
         "| " + " | ".join(row) + " |",
         "|" + "---|" * len(row),
@@ -129,10 +129,21 @@ def model_card(manifest: Manifest, handoff: dict[str, str], library: str) -> str
         "",
     ]
     if manifest.reason:
-        lines += [f"Status note: {manifest.reason}", ""]
+        lines += [f"Status note: {md_text(manifest.reason)}", ""]
     lines += ["## How to load it", ""] + [f"- `{name}`" for name in sorted(handoff)]
     lines += ["", "Checksums of every file are in `manifest.json`.", ""]
     return "\n".join(lines)
+
+
+def md_code(text: str) -> str:
+    """`text` as one markdown code span, whatever backticks it holds."""
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}" if "`" in text else f"`{text}`"
+
+
+def md_text(text: str) -> str:
+    """`text` as markdown on one line that cannot break a table cell, open a code span or a link, or be HTML."""
+    return re.sub(r"([\\`\[\]<>|])", r"\\\1", " ".join(text.split()))
 
 
 def _fmt(value, digits: int) -> str:

@@ -10,6 +10,8 @@ import html
 from pathlib import Path
 from typing import Any
 
+from pipeline.handoff import md_code, md_text
+
 COLUMNS = {  # column -> (heading, number format)
     "target": ("target", "{}"),
     "status": ("status", "{}"),
@@ -47,12 +49,12 @@ def markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"# {summary['model']}",
         "",
-        f"source: `{summary['source']['spec']}`; ppl of the source model: {_source_ppl(summary['targets'])}",
+        f"source: {md_code(summary['source']['spec'])}; ppl of the source model: {_source_ppl(summary['targets'])}",
         "",
         "| " + " | ".join(heads) + " |",
         "|" + "---|" * len(heads),
     ]
-    lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in summary["targets"]]
+    lines += ["| " + " | ".join(md_text(cell(r, c)) for c in COLUMNS) + " |" for r in summary["targets"]]
     return "\n".join([*lines, "", "![size against quality](report.png)", ""])
 
 

@@ -18,7 +18,7 @@ import logging
 from pathlib import Path, PurePosixPath
 
 from pipeline.files import cache_root, file_sha256, staging_dir
-from pipeline.types import MANIFEST
+from pipeline.types import MANIFEST, InputError
 
 log = logging.getLogger("weightsmith")
 
@@ -96,7 +96,7 @@ class Incomplete(Exception):
     pass
 
 
-class StorageError(ValueError):
+class StorageError(InputError):
     """Stored data that must not be used as it is (a path leaving its folder)."""
 
 

@@ -104,7 +104,7 @@ def one_line(exc: BaseException) -> str:
         return f"cannot write or read {exc.filename}: {exc.strerror}; {fix}"
     if exit_code(exc) == ExitCode.INTERNAL:
         return f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and report it)"
-    return str(exc)
+    return " ".join(str(exc).split()) if isinstance(exc, (OSError, FormatError)) else str(exc)
 
 
 class Strict(BaseModel):

@@ -46,11 +46,12 @@ def snapshot(output: Path) -> dict[str, bytes]:
             and p.name not in skip}  # fmt: skip
 
 
-def recipe_for(tmp_path: Path, published: Path, source, targets=(("gguf", "f16"),), **changes) -> Path:
-    path = write_recipe(tmp_path, source, list(targets))
+def recipe_for(tmp_path: Path, published: Path, model: Path, changes: dict | None = None) -> Path:
+    """A gguf/f16 recipe for `model` into the published output, with `changes` ("section__field": value)."""
+    path = write_recipe(tmp_path, model, [("gguf", "f16")])
     data = yaml.safe_load(path.read_text())
     data["output"] = str(published)
-    for key, value in changes.items():
+    for key, value in (changes or {}).items():
         section, _, field = key.partition("__")
         if field:
             data.setdefault(section, {})[field] = value
@@ -254,12 +255,14 @@ def test_bad_input(name, spoil, code, pattern, tiny_llama, published, tmp_path):
     model = copy_model(tiny_llama, tmp_path)
     changes = spoil(model, tmp_path) or {}
     before = snapshot(published)
-    run = cli(recipe_for(tmp_path, published, model, **changes))
+    run = cli(recipe_for(tmp_path, published, model, changes))
     assert "Traceback" not in run.stdout + run.stderr, run.stderr
     assert run.returncode == code, run.stdout + run.stderr
-    if code == FAILED:  # the target failed; the table says why, one row
-        (row,) = [line for line in run.stdout.splitlines() if line.startswith("gguf/f16")]
-        assert re.search(pattern, row), row
+    if code == FAILED:  # the target failed; the table has its row, the summary the whole reason
+        assert [line.split()[:2] for line in run.stdout.splitlines() if line.startswith("gguf/")] == [
+            ["gguf/f16", "failed"]]  # fmt: skip
+        (row,) = json.loads((published / "test-model" / "summary.json").read_text())["targets"]
+        assert re.search(pattern, row["reason"]), row
     else:
         errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and re.search(pattern, errors[0]), run.stderr
@@ -289,7 +292,7 @@ def test_a_full_disk_fails_the_target_in_one_line_and_keeps_what_was_published(t
     before = snapshot(published)
     run = cli(recipe_for(tmp_path, published, tiny_llama), "--force", preexec=small_files)
     assert run.returncode == FAILED and "Traceback" not in run.stdout + run.stderr, run.stderr
-    (row,) = [line for line in run.stdout.splitlines() if line.startswith("gguf/f16")]
-    assert "File too large" in row
+    (row,) = json.loads((published / "test-model" / "summary.json").read_text())["targets"]
+    assert row["status"] == "failed" and "File too large" in row["reason"], row
     assert snapshot(published) == before
     assert not [p for p in (published / "test-model").iterdir() if p.name.startswith(".gguf-f16.")]  # no leftovers

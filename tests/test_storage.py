@@ -92,3 +92,33 @@ def test_a_step_on_another_machine_pulls_the_artifacts_its_target_is_made_from(t
     built = run_target(recipe, source, "tensorrt/w4a16_gptq", [Step.BUILD], inputs={"gptq/int4": gptq})
     assert built.status == Status.BUILT, built.reason
     assert (recipe.output_dir() / "gptq-int4" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("bad", ["../outside.txt", "/etc/passwd", "a/../../outside.txt", ""])
+def test_a_stored_manifest_naming_paths_outside_its_folder_is_refused(tmp_path, monkeypatch, bad):
+    from pipeline import storage
+
+    monkeypatch.setenv("WEIGHTSMITH_CACHE", str(tmp_path / "cache"))
+    stored = tmp_path / "store" / "model" / "gguf-f16"
+    stored.mkdir(parents=True)
+    (stored / "manifest.json").write_text(json.dumps({"files": [{"path": bad, "size": 1, "sha256": "0" * 64}]}))
+    with pytest.raises(storage.StorageError, match="which leaves its artifact folder: refused"):
+        storage.pull(f"file://{tmp_path / 'store'}", "model", "gguf-f16")
+    assert not (tmp_path / "cache" / "outside.txt").exists()
+    assert not (storage.mirror(f"file://{tmp_path / 'store'}") / "model" / "gguf-f16").exists()
+
+
+def test_a_pull_does_not_take_files_newer_than_their_manifest(url_recipe, tmp_path):
+    """A push cut off after some files but before the manifest: the stored manifest's hashes do not match."""
+    from pipeline import storage
+    from pipeline.convert import run_recipe
+    from pipeline.recipe import load_recipe
+
+    recipe = load_recipe(url_recipe)
+    run_recipe(recipe)
+    stored = tmp_path / "store" / "test-model" / "gguf-f16"
+    gguf = next(stored.glob("*.gguf"))
+    gguf.write_bytes(gguf.read_bytes()[:-1] + b"x")  # a new file, its manifest not yet uploaded
+    shutil.rmtree(recipe.output_dir())
+    storage.pull(recipe.output, recipe.name, "gguf-f16")
+    assert not (recipe.output_dir() / "gguf-f16").exists()
