@@ -17,6 +17,7 @@ LLAMA_CMAKE_ARGS += -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_B
 export HF_HUB_DISABLE_TELEMETRY = 1
 export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DO_NOT_TRACK = 1
+export PREFECT_LOGGING_EXTRA_LOGGERS = weightsmith
 
 .PHONY: install demo test test-fast lint bench clean server worker deploy
 

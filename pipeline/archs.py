@@ -124,10 +124,6 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-class UnknownArchitecture(KeyError):
-    pass
-
-
 def arch(model_type: str) -> Arch:
     """The row of `model_type`; an empty row (nothing supported) for one the table does not know."""
     return ARCHS.get(model_type, Arch())

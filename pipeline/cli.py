@@ -19,19 +19,20 @@ import os
 import sys
 import traceback
 
+from pipeline import console
 from pipeline.recipe import load_recipe
-from pipeline.types import ExitCode, SourceSpec, exit_code, one_line
+from pipeline.types import ExitCode, SourceSpec, Status, exit_code, one_line
 
 PREFECT_DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",  # no telemetry heartbeat from the ephemeral server
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",  # 20 s runs out on a busy small machine
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "weightsmith",  # the library's progress shows in the flow run's logs
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    console.quiet_libraries(args.debug)
     logging.getLogger("weightsmith").setLevel(logging.DEBUG if args.debug else logging.INFO)
     try:
         return args.func(args)
@@ -74,8 +75,8 @@ def _convert(args) -> int:
     from pipeline.convert import run_recipe, summary_table
 
     recipe = load_recipe(args.recipe).with_overrides(args.only, args.source)
+    log_file = console.start_log(recipe.name, args.debug)
     if args.no_prefect:
-        logging.basicConfig(format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
         summary = run_recipe(recipe, force=args.force)
     else:
         summary = _run_flow(args)
@@ -86,12 +87,17 @@ def _convert(args) -> int:
     print(summary_table(summary))
     print(f"\nsummary: {recipe.output_dir() / 'summary.json'}")
     print(f"report: {summary['report']}")
-    return ExitCode.OK if summary["ok"] else ExitCode.FAILED
+    print(f"log: {log_file}")
+    failed = [row["target"] for row in summary["targets"] if row["status"] == Status.FAILED]
+    if failed:
+        print(f"failed: {', '.join(failed)} (exit {ExitCode.FAILED.value}; the reasons are in the table above and "
+              f"in summary.json)", file=sys.stderr)  # fmt: skip
+    return ExitCode.FAILED if failed else ExitCode.OK
 
 
 def _run_flow(args) -> dict | str:
     """This run's summary (never one an earlier run left on disk), or the message of a run that ended without one."""
-    for key, value in PREFECT_DEFAULTS.items():
+    for key, value in {**PREFECT_DEFAULTS, "PREFECT_LOGGING_LEVEL": "DEBUG" if args.debug else "WARNING"}.items():
         os.environ.setdefault(key, value)
     from flows.convert import convert
 

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline import hardware, storage
+from pipeline import console, hardware, storage
 from pipeline.artifacts import (
     SUMMARY,
     candidate_dir,
@@ -202,7 +202,7 @@ def build(recipe: Recipe, source: SourceInfo, fmt: Format, inputs: dict[str, Man
     except FormatError as exc:
         return _outcome(manifest.with_step(Step.BUILD, Status.REFUSED, f"{target.format} refused: {exc}"))
     start = time.perf_counter()
-    context = BuildContext(name=recipe.name, calibration=recipe.calibration, progress=_progress(target.key),
+    context = BuildContext(name=recipe.name, calibration=recipe.calibration, progress=console.progress(target.key),
                            inputs={k: published(recipe, k) for k in inputs})  # fmt: skip
     log.info("%s: building", target.key)
     try:
@@ -341,17 +341,6 @@ def _with_handoff(recipe: Recipe, fmt: Format, folder: Path, manifest: Manifest)
         log.warning("%s: no serving hand-off files: %s", manifest.target, exc)
         written = []
     return _record(folder, manifest.model_copy(update={"files": list_files(folder), "handoff": written}))
-
-
-def _progress(key: str):
-    last = [0.0]
-
-    def report(done: int, total: int, what: str) -> None:
-        if done == total or time.monotonic() - last[0] > 5:
-            last[0] = time.monotonic()
-            log.info("%s: %d/%d tensors (%s)", key, done, total, what)
-
-    return report
 
 
 def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], started: str) -> dict[str, Any]:

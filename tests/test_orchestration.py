@@ -68,6 +68,21 @@ def test_a_changed_budget_redoes_the_target(tiny_llama, tmp_path):
     assert [r["resumed"] for r in run_recipe(load_recipe(path))["targets"]] == [False]
 
 
+def test_an_edited_held_out_text_at_the_same_path_redoes_the_target(tiny_llama, tmp_path):
+    from pipeline.convert import run_recipe
+    from pipeline.corpus import load_text
+    from pipeline.recipe import load_recipe
+
+    text = tmp_path / "held-out.txt"
+    text.write_text(load_text("builtin:corpus", "held_out"))
+    path = write_recipe(tmp_path, tiny_llama, [("gguf", "f16")], held_out=str(text))
+    assert [r["resumed"] for r in run_recipe(load_recipe(path))["targets"]] == [False]
+    assert [r["resumed"] for r in run_recipe(load_recipe(path))["targets"]] == [True]
+    text.write_text(text.read_text().replace("Alice", "Alicia"))  # same path, other contents
+    (row,) = run_recipe(load_recipe(path))["targets"]
+    assert row["resumed"] is False and row["status"] == "ok"
+
+
 def test_batch_converts_every_recipe_and_reports_a_failure(tiny_llama, tmp_path):
     folder = tmp_path / "recipes"
     folder.mkdir()

@@ -194,3 +194,25 @@ def test_step_needing_absent_hardware_is_not_run(tiny_llama, tmp_path, monkeypat
     assert row["status"] == "not_run" and row["reason"].startswith("build: no_cuda_device: build needs cuda")
     folder = recipe.output_dir() / "gguf-f16"
     assert [p.name for p in folder.iterdir()] == ["manifest.json"]  # no artifact file, only the reason
+
+
+def test_a_figure_that_is_not_a_number_fails_whatever_the_budget():
+    nan = {"ppl": math.nan, "ppl_source": 20.0, "ppl_ratio": math.nan, "top1_agreement": 0.5, "kl_mean": math.inf}
+    for budget in (None, Budget(), Budget(max_ppl_ratio=1.5, min_top1=0.1, max_kl_mean=10.0)):
+        failures = judge(nan, budget)
+        assert [f.split(" is ")[0] for f in failures] == ["ppl", "ppl_ratio", "kl_mean"], failures
+
+
+def test_json_with_nan_is_refused_naming_where(tmp_path):
+    from pipeline.files import write_json
+
+    with pytest.raises(ValueError, match=r"summary.json: targets.0.ppl is not a finite number"):
+        write_json(tmp_path / "summary.json", {"targets": [{"ppl": math.nan}]})
+    assert not (tmp_path / "summary.json").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_nan_logits_fail_the_target(tmp_path):
+    ref, logits = make_reference(np.random.default_rng(3))
+    broken = [np.full_like(x, np.nan) for x in logits]
+    quality = compare(ref, FixedRuntime(broken))
+    assert math.isnan(quality["ppl"]) and judge(quality, Budget(max_ppl_ratio=2.0))
