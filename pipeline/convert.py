@@ -136,7 +136,7 @@ def run_step(recipe: Recipe, source: SourceInfo, plan: Plan, step: PlannedStep, 
     folders = [target.folder, candidate_dir(Path(target.folder)).name]
     for folder in [*map(folder_of, inputs), *folders]:
         storage.pull(recipe.output, recipe.name, folder)
-    result = run(recipe, source, fmt, current, inputs) if step.step != Step.BUILD else run(recipe, source, fmt, inputs)
+    result = run(recipe, source, fmt, current, inputs)
     for folder in folders:
         storage.push(recipe.output, recipe.name, folder)
     return result
@@ -184,8 +184,9 @@ def up_to_date(final: Path, inputs_hash: str) -> Manifest | None:
     return None if verify_files(final, existing) else existing
 
 
-def build(recipe: Recipe, source: SourceInfo, fmt: Format, inputs: dict[str, Manifest], *, force: bool,
-          inputs_hash: str) -> Manifest:  # fmt: skip
+def build(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest | None, inputs: dict[str, Manifest], *,
+          force: bool, inputs_hash: str) -> Manifest:  # fmt: skip
+    """Build the artifact into its candidate folder (`current` is always None: a build starts the target afresh)."""
     target = fmt.target
     final = published(recipe, target.key)
     manifest = base_manifest(recipe, source, target, inputs_hash)
