@@ -225,7 +225,8 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     assert json.loads((qwen / "gguf-f16" / "manifest.json").read_text())["status"] == "ok"
     trt = json.loads((qwen / "tensorrt-fp16" / "manifest.json").read_text())
     assert trt["status"] == "not_run" and "no_cuda_worker" in trt["reason"] and "within 20 s" in trt["reason"]
-    assert trt["smoke"]["steps"] == {"prepare": "ok", "build": "not_run", "smoke": "not_run"}
+    assert trt["steps"] == {"build": "built", "validate": "ok", "engine": "not_run"}
+    assert trt["smoke"]["engine"]["build"]["reason"] == "no_cuda_worker"
     mlx = json.loads((qwen / "mlx-q8" / "manifest.json").read_text())
     assert mlx["status"] == "ok", mlx["reason"]
     assert "apple" in mlx["built_on"]["kinds"] and "apple" in mlx["validated_on"]["kinds"]
@@ -235,7 +236,7 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
               for r in runs if "step" in r["parameters"]}  # fmt: skip
     assert handed == {
         ("mlx/q8", "build"): ("apple", "COMPLETED"),
-        ("mlx/q8", "smoke"): ("apple", "COMPLETED"),
+        ("mlx/q8", "validate"): ("apple", "COMPLETED"),
         ("tensorrt/fp16", "engine"): ("cuda", "CANCELLED"),  # the step/cuda run nobody picked up
     }
 
