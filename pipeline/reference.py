@@ -3,10 +3,12 @@ and the recipe's prompts, computed once and kept on disk.
 
 What is kept, per held-out position: the log-probability the source gives the true next token (for perplexity),
 and its `TOP_K` most likely tokens with their log-probabilities (for top-1 agreement and KL divergence). The rest of
-the distribution is kept as one number, the mass outside the top-k, so KL is computed over the top-k tokens plus one
-"everything else" bucket. That is a lower bound on the full-vocabulary KL that is exact whenever the top-k holds all
-the mass and, for the models here, agrees with it to well under the budgets' resolution; it keeps the reference at
-a few MB instead of positions x vocabulary floats (1.2 GB at 2048 tokens of a 150k vocabulary).
+the distribution is one number, the mass outside the top-k, so KL is computed over the top-k tokens plus one
+"everything else" bucket: a lower bound on the full-vocabulary KL, exact when the top-k holds all the mass. Measured
+on SmolLM2-135M's Q4_0 GGUF (49k vocabulary, two contexts of 512 tokens), the bucketed KL was 4.4% under the exact
+one with the top 512 tokens, 1.3% with 2048, 0.2% with 8192 and 0.04% with 16384. The top 8192 keep the reference at
+64 KB per position, whatever the vocabulary (the full distributions of 2048 tokens of a 150k vocabulary are 1.2 GB),
+memory-mapped from disk when read.
 
 The cache is keyed by the source's file hashes, the held-out text's contents, the validation settings, the dtype and
 this module's version, under `<cache>/references/`; every target and every rerun reuses it.
@@ -28,8 +30,9 @@ from pipeline.files import cache_root, staging_dir, text_sha256
 from pipeline.source import load_tokenizer
 from pipeline.types import SourceInfo, Validation
 
-TOP_K = 512
-VERSION = 1  # bump when what is stored or how it is computed changes
+TOP_K = 8192  # measured on SmolLM2 Q4_0: KL over the top 8192 and a tail bucket is 0.2% under the exact figure
+VERSION = 2  # bump when what is stored or how it is computed changes
+ARRAYS = ("target", "top_ids", "top_logprobs")
 TOKENIZER_PROBE_SUFFIX = (
     "\n\n  0. Numbers 1234567 and 3.14159;  spaces\t\ttabs\n"
     "Émigré naïve café — “quotes” «guillemets» 日本語のテキスト Привет 🦙🚀 <b>html</b> x**2 + y_1 == z\n"
@@ -91,10 +94,8 @@ class Reference:
         meta = {"chunks": self.chunks, "prompts": [p.__dict__ for p in self.prompts], "probe_text": self.probe_text,
                 "probe_ids": self.probe_ids, "stop_ids": sorted(self.stop_ids),
                 "description": self.description}  # fmt: skip
-        arrays = {}
-        for i, s in enumerate(self.scores):
-            arrays.update({f"target_{i}": s.target, f"top_ids_{i}": s.top_ids, f"top_logprobs_{i}": s.top_logprobs})
-        np.savez(folder / "scores.npz", **arrays)
+        for name in ARRAYS:  # one file per kind, chunks stacked: read back memory-mapped
+            np.save(folder / f"{name}.npy", np.stack([getattr(s, name) for s in self.scores]))
         (folder / "reference.json").write_text(json.dumps(meta), encoding="utf-8")
 
 
@@ -116,9 +117,8 @@ def reference(source: SourceInfo, validation: Validation, dtype: str = "float32"
 
 def load(folder: Path, source: Path) -> Reference:
     meta = json.loads((folder / "reference.json").read_text(encoding="utf-8"))
-    arrays = np.load(folder / "scores.npz")
-    scores = [ChunkScores(arrays[f"target_{i}"], arrays[f"top_ids_{i}"], arrays[f"top_logprobs_{i}"])
-              for i in range(len(meta["chunks"]))]  # fmt: skip
+    arrays = [np.load(folder / f"{name}.npy", mmap_mode="r") for name in ARRAYS]
+    scores = [ChunkScores(*(a[i] for a in arrays)) for i in range(len(meta["chunks"]))]
     return Reference(
         chunks=meta["chunks"],
         scores=scores,
