@@ -22,6 +22,7 @@ QUIET = {
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "TORCH_CPP_LOG_LEVEL": "ERROR",
+    "TORCH_LOGS": "-all",  # torch's loggers print to stderr themselves (not through ours): errors only
     "TQDM_DISABLE": "1",
 }
 LIBRARIES = ("torch", "torchao", "transformers", "huggingface_hub", "accelerate", "gptqmodel", "onnxscript", "mlx")
