@@ -141,7 +141,9 @@ def past_end(m, t):
 
 
 def stale_index(m, t):
-    (m / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "other.safetensors"}}))
+    (m / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.norm.weight": "other.safetensors"}})
+    )
 
 
 def broken_index(m, t):
