@@ -12,6 +12,7 @@ common ones, whether q/k rows are permuted for llama.cpp's rope, which linears o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # GGUFWriter method -> Hugging Face config keys, first one present wins (rope keys may sit in `rope_parameters`); a
 # trailing non-string value is the default when no key is present. What llama.cpp's converter writes for every
@@ -27,6 +28,8 @@ COMMON_HPARAMS: dict[str, tuple] = {
     "add_key_length": ("head_dim",),
     "add_value_length": ("head_dim",),
     "add_rope_freq_base": ("rope_theta",),
+    "add_expert_count": ("num_local_experts", "num_experts", "n_routed_experts"),
+    "add_expert_used_count": ("num_experts_per_tok", "num_experts_per_token", "top_k_experts"),
 }
 
 # The linears of a Llama-style decoder layer, in the order the GPTQ layer stream quantizes them.
@@ -43,6 +46,7 @@ class Arch:
     permute_qk: bool = False  # llama.cpp's `llama`-style rope rotates interleaved pairs: permute q/k rows
     norm_offset: float = 0.0  # RMSNorm weights stored as an offset from 1 (Gemma)
     gguf_skip: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not read (a tied lm_head ...)
+    gguf_requires: dict[str, Any] = field(default_factory=dict)  # config values llama.cpp's architecture assumes
     mlx: bool = False  # mlx-lm's module for this model_type loads the checkpoint as transformers saves it
     gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
     onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
@@ -109,6 +113,18 @@ ARCHS: dict[str, Arch] = {
         features=("fused qkv", "fused gate/up"),
     ),
     "olmo2": Arch(gguf="OLMO2", mlx=True, features=("q/k norm", "post-norm")),
+    "qwen3_moe": Arch(
+        gguf="QWEN3MOE",
+        gguf_hparams={"add_expert_feed_forward_length": ("moe_intermediate_size",)},
+        # llama.cpp's qwen3moe: every layer sparse, top-k weights renormalised
+        gguf_requires={"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1},
+        mlx=True,
+        moe=True,
+        features=("q/k norm",),
+    ),
+    "mixtral": Arch(
+        **{**LLAMA.__dict__, "gptq_linears": (), "onnx_export": False, "onnx_genai": False, "trtllm": None, "moe": True}
+    ),  # fmt: skip
     "granite": Arch(
         gguf="GRANITE",
         gguf_hparams={

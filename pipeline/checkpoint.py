@@ -192,7 +192,8 @@ def portable_config(config: dict) -> dict:
     """config.json as readers other than transformers 5 expect it. transformers 5 writes the rope settings only as
     `rope_parameters` and the dtype only as `dtype`; transformers 4.x, mlx-lm and others read `rope_theta`,
     `rope_scaling` and `torch_dtype`, and silently fall back to their own defaults (wrong logits, no error) when
-    those are missing. The new keys stay; the old ones are added where absent."""
+    those are missing; mlx-lm's Qwen3 MoE wants `num_experts`, which transformers 5 saves as `num_local_experts`. The
+    new keys stay; the old ones are added where absent."""
     out = dict(config)
     rope = config.get("rope_parameters") or {}
     if rope.get("rope_theta") is not None:
@@ -204,6 +205,8 @@ def portable_config(config: dict) -> dict:
         out["rope_scaling"] = {**{k: v for k, v in rope.items() if k != "rope_theta"}, "rope_type": kind, "type": kind}
     if config.get("dtype") is not None:
         out.setdefault("torch_dtype", config["dtype"])
+    if config.get("num_local_experts") is not None:  # transformers 5 saves Qwen3 MoE's `num_experts` under this name
+        out.setdefault("num_experts", config["num_local_experts"])
     return out
 
 

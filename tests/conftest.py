@@ -40,6 +40,26 @@ TINY_CONFIGS = {
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
     ),
+    # mixture of experts: 4 experts, 2 per token
+    "qwen3_moe": dict(
+        SMALL,
+        head_dim=32,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=64,
+        norm_topk_prob=True,
+    ),
+    "mixtral": dict(
+        SMALL,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    ),
     # added by a row of pipeline/archs.py alone (GGUF and MLX)
     "olmo2": dict(SMALL, rope_theta=500000.0, rms_norm_eps=1e-6, tie_word_embeddings=False),
     "granite": dict(
@@ -111,6 +131,8 @@ TINY_MODELS = {
     "gemma2": ("gemma2", {}),
     "phi3": ("phi3", {}),
     "olmo2": ("olmo2", {}),
+    "qwen3_moe": ("qwen3_moe", {}),
+    "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,

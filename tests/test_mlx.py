@@ -32,6 +32,8 @@ def models(tiny_model, tmp_path_factory, smollm2_dir):
         "qwen3": tiny_model("qwen3"),
         "olmo2": tiny_model("olmo2"),
         "granite": tiny_model("granite"),
+        "qwen3_moe": tiny_model("qwen3_moe"),
+        "mixtral": tiny_model("mixtral"),
     }
 
 
@@ -41,7 +43,7 @@ def convert(source_dir, tmp_path, quant, **options):
     return out, build_artifact(source_dir, ("mlx", quant, options), out)[2]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3", "olmo2", "granite"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3", "olmo2", "granite", "qwen3_moe", "mixtral"])
 def test_unquantized_logits_match_transformers(models, tmp_path, model):
     from transformers import AutoModelForCausalLM
 

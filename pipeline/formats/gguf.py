@@ -20,6 +20,7 @@ an Ollama Modelfile, a LocalAI model config and a llama-server script.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -72,7 +73,7 @@ def file_type(quant: str) -> LlamaFileType:
 
 @dataclass(frozen=True)
 class TensorPlan:
-    hf_name: str | None  # None for tensors llama.cpp needs that the checkpoint does not hold (see extra_tensors)
+    hf_names: tuple[str, ...]  # one tensor, the experts of a merged one, or none (generated, see extra_tensors)
     gguf_name: str
     shape: tuple[int, ...]
     qtype: Q
@@ -80,6 +81,14 @@ class TensorPlan:
     @property
     def byte_shape(self) -> tuple[int, ...]:
         return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
+
+    def read(self, checkpoint: Checkpoint):
+        """The tensor from the checkpoint; a layer's experts stacked [experts, out, in], as llama.cpp keeps them."""
+        if len(self.hf_names) == 1:
+            return checkpoint.tensor(self.hf_names[0])
+        import torch
+
+        return torch.stack([checkpoint.tensor(name) for name in self.hf_names])
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
@@ -91,16 +100,42 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
     return qtype if shape[-1] % block_size == 0 else Q.F16
 
 
-def plan_tensors(checkpoint, arch: Architecture, config: dict, quant: str) -> list[TensorPlan]:
+def plan_tensors(checkpoint: Checkpoint, arch: Architecture, config: dict, quant: str) -> list[TensorPlan]:
     plan = []
-    for hf_name in checkpoint.names():
+    for hf_name, members in merged_experts(checkpoint).items():
         name = gguf_tensor_name(arch, hf_name)
         if name is not None:
-            shape = checkpoint.shape(hf_name)
-            plan.append(TensorPlan(hf_name, name, shape, tensor_type(name, shape, quant)))
+            shape = checkpoint.shape(members[0])
+            if len(members) > 1:
+                shape = (len(members), *shape)
+            plan.append(TensorPlan(members, name, shape, tensor_type(name, shape, quant)))
     for name, tensor in extra_tensors(arch, config).items():
-        plan.append(TensorPlan(None, name, tuple(tensor.shape), Q.F32))
+        plan.append(TensorPlan((), name, tuple(tensor.shape), Q.F32))
     return sorted(plan, key=_writing_order)
+
+
+EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<expert>\d+)\.(?P<part>[^.]+)\.(?P<kind>weight|bias)$")
+
+
+def merged_experts(checkpoint: Checkpoint) -> dict[str, tuple[str, ...]]:
+    """The checkpoint's tensors by the name llama.cpp's converter gives them: one tensor by its own name, a layer's
+    per-expert tensors (`mlp.experts.3.gate_proj.weight`, Mixtral's `block_sparse_moe.experts.3.w1.weight`) under the
+    merged name (`mlp.experts.gate_proj.weight`), experts in order."""
+    merged: dict[str, dict[int, str]] = {}
+    for name in checkpoint.names():
+        found = EXPERT.match(name)
+        key = f"{found['layer']}.{found['part']}.{found['kind']}" if found else name
+        merged.setdefault(key, {})[int(found["expert"]) if found else 0] = name
+    out = {}
+    for key, members in merged.items():
+        if sorted(members) != list(range(len(members))):
+            raise FormatError(f"{key}: experts {sorted(members)} are not numbered 0..{len(members) - 1}: a shard or "
+                              f"an expert is missing from the checkpoint")  # fmt: skip
+        shapes = {checkpoint.shape(name) for name in members.values()}
+        if len(shapes) > 1:
+            raise FormatError(f"{key}: experts of different shapes {sorted(shapes)}")
+        out[key] = tuple(members[i] for i in range(len(members)))
+    return out
 
 
 def _writing_order(plan: TensorPlan) -> tuple:
@@ -158,7 +193,7 @@ def write_direct(source: SourceInfo, quant: str, path: Path, name: str, split_ma
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for i, p in enumerate(plan):
-            tensor = generated[p.gguf_name] if p.hf_name is None else checkpoint.tensor(p.hf_name)
+            tensor = p.read(checkpoint) if p.hf_names else generated[p.gguf_name]
             writer.write_tensor_data(convert_tensor(tensor, p, arch, config))
             if progress:
                 progress(i + 1, len(plan), p.gguf_name)
@@ -211,6 +246,12 @@ class GGUF(Format):
         """Unsupported architecture, rope scaling, tensor or tokenizer: refused before anything is written."""
         config = source.config()
         arch = architecture(source.model_type, config)
+        for key, value in arch.row.gguf_requires.items():
+            if config.get(key, value) != value:
+                raise FormatError(f"GGUF: llama.cpp's {arch.name} assumes {key}: {value!r}, this checkpoint has "
+                                  f"{config[key]!r}")  # fmt: skip
+        if self.options.imatrix and arch.row.moe:
+            raise FormatError("GGUF: the importance matrix is not collected for mixture-of-experts models yet")
         plan_tensors(Checkpoint(source.path), arch, config, "f16")
         load_vocab(source.path, config["vocab_size"])
 
