@@ -113,6 +113,19 @@ ARCHS: dict[str, Arch] = {
         features=("fused qkv", "fused gate/up"),
     ),
     "olmo2": Arch(gguf="OLMO2", mlx=True, features=("q/k norm", "post-norm")),
+    # llama.cpp's smollm3 leaves out rope on every 4th layer, as SmolLM3's default config does
+    "smollm3": Arch(
+        **{
+            **LLAMA.__dict__,
+            "gguf": "SMOLLM3",
+            "gguf_requires": {"no_rope_layer_interval": 4},
+            "gptq_linears": (),
+            "onnx_export": False,
+            "onnx_genai": False,
+            "trtllm": None,
+            "features": ("no rope on every 4th layer",),
+        }
+    ),  # fmt: skip
     "qwen3_moe": Arch(
         gguf="QWEN3MOE",
         gguf_hparams={"add_expert_feed_forward_length": ("moe_intermediate_size",)},

@@ -40,6 +40,9 @@ TINY_CONFIGS = {
         final_logit_softcapping=30.0,
         tie_word_embeddings=True,
     ),
+    "smollm3": dict(
+        SMALL, num_hidden_layers=4, rope_theta=2000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True, pad_token_id=0
+    ),
     # mixture of experts: 4 experts, 2 per token
     "qwen3_moe": dict(
         SMALL,
@@ -131,6 +134,7 @@ TINY_MODELS = {
     "gemma2": ("gemma2", {}),
     "phi3": ("phi3", {}),
     "olmo2": ("olmo2", {}),
+    "smollm3": ("smollm3", {}),
     "qwen3_moe": ("qwen3_moe", {}),
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),

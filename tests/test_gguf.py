@@ -208,7 +208,7 @@ def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2", "llama-spm", "qwen3", "mistral", "gemma2", "phi3", "llama3-rope",
-                                   "olmo2", "granite", "qwen3_moe", "mixtral"])  # fmt: skip
+                                   "olmo2", "granite", "smollm3", "qwen3_moe", "mixtral"])  # fmt: skip
 def test_llama_cpp_logits_match_transformers(build, models, model):
     from transformers import AutoModelForCausalLM
 

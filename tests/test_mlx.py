@@ -34,6 +34,7 @@ def models(tiny_model, tmp_path_factory, smollm2_dir):
         "granite": tiny_model("granite"),
         "qwen3_moe": tiny_model("qwen3_moe"),
         "mixtral": tiny_model("mixtral"),
+        "smollm3": tiny_model("smollm3"),
     }
 
 
@@ -43,7 +44,7 @@ def convert(source_dir, tmp_path, quant, **options):
     return out, build_artifact(source_dir, ("mlx", quant, options), out)[2]
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3", "olmo2", "granite", "qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "qwen3", "olmo2", "granite", "smollm3", "qwen3_moe", "mixtral"])
 def test_unquantized_logits_match_transformers(models, tmp_path, model):
     from transformers import AutoModelForCausalLM
 
