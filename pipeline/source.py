@@ -35,21 +35,23 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> SourceInfo:
+    name = None
     if spec.id.startswith("bundled:"):
         path, revision, kind = (
             bundled.materialise(spec.id.removeprefix("bundled:")),
             bundled.revision(spec.id),
             "bundled",
         )
+        name = bundled.model_name(spec.id)
     elif Path(spec.id).expanduser().exists():
         path, revision, kind = Path(spec.id).expanduser().resolve(), spec.revision, "local"
     elif HUB_ID.match(spec.id) and not spec.id.startswith((".", "~")):
         path, kind = _download(spec.id, spec.revision, allow_pickle), "hub"
-        revision = path.name  # snapshot folders are named after the commit
+        revision, name = path.name, spec.id.rsplit("/", 1)[-1]  # snapshot folders are named after the commit
     else:
         raise SourceError(f"source {spec.id!r}: no such folder, and not a hub id of the form 'owner/name'")
     return inspect_checkpoint(path, spec=spec.id, kind=kind, revision=revision, allow_pickle=allow_pickle,
-                              trust_remote_code=trust_remote_code)  # fmt: skip
+                              trust_remote_code=trust_remote_code, name=name)  # fmt: skip
 
 
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
@@ -87,6 +89,7 @@ def inspect_checkpoint(
     revision: str | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    name: str | None = None,
 ) -> SourceInfo:
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -111,6 +114,7 @@ def inspect_checkpoint(
     fingerprint = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
     return SourceInfo(
         spec=spec or str(path),
+        name=name or path.name,
         kind=kind,
         path=path.resolve(),
         revision=revision,

@@ -169,6 +169,7 @@ class SourceInfo(BaseModel):
     """A resolved checkpoint: where it is on disk and what it holds."""
 
     spec: str
+    name: str = ""  # the model's own name (hub repository, bundled model, folder), never a recipe's
     kind: Literal["bundled", "local", "hub"]
     path: Path
     revision: str | None

@@ -287,3 +287,14 @@ def test_moe_experts_are_merged_as_llama_cpp_keeps_them(build, models):
         assert tuple(reversed(got.shape.tolist())) == tuple(stacked.shape)
         np.testing.assert_array_equal(np.array(got.data).reshape(stacked.shape), stacked.half().numpy())
     assert "blk.1.ffn_gate_inp.weight" in tensors  # the router, unquantized
+
+
+def test_general_name_is_the_models_never_the_recipes(models, tmp_path):
+    """llama.cpp applies family vocabulary rules by `general.name` (a recipe named "...phi3..." over another
+    tokenizer once made an unloadable file): it is the model's own name."""
+    from tests.conftest import build_artifact
+
+    _, source, info = build_artifact(models["llama"], ("gguf", "f16"), tmp_path, name="my-phi3-build")
+    reader = gguf.GGUFReader(tmp_path / info["file"])
+    assert info["file"] == "my-phi3-build-F16.gguf"
+    assert reader.get_field("general.name").contents() == source.name == models["llama"].name

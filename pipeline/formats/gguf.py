@@ -168,7 +168,7 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
     return out
 
 
-def write_direct(source: SourceInfo, quant: str, path: Path, name: str, split_max_size: int | None,
+def write_direct(source: SourceInfo, quant: str, path: Path, split_max_size: int | None,
                  progress: Progress | None):  # fmt: skip
     """Stream the checkpoint into a GGUF file (or shards) with the tensor types of `quant`; return (plan, vocab)."""
     config = source.config()
@@ -181,7 +181,7 @@ def write_direct(source: SourceInfo, quant: str, path: Path, name: str, split_ma
     writer = gguf.GGUFWriter(path, arch.name, split_max_size=split_max_size or 0)
     try:
         writer.add_type(gguf.GGUFType.MODEL)
-        writer.add_name(name)
+        writer.add_name(source.name)  # the model's name: llama.cpp applies family rules by it, never a recipe's
         add_hparams(writer, arch, config)
         writer.add_file_type(file_type(quant))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -260,14 +260,14 @@ class GGUF(Format):
         config = source.config()
         arch = architecture(source.model_type, config)
         if self.quant in DIRECT:
-            plan, vocab = write_direct(source, self.quant, out_dir / f"{stem}.gguf", ctx.name,
-                                       self.options.split_max_size, ctx.progress)  # fmt: skip
+            plan, vocab = write_direct(source, self.quant, out_dir / f"{stem}.gguf", self.options.split_max_size,
+                                       ctx.progress)  # fmt: skip
             info = {"route": "direct", "tensor_types": dict(Counter(p.qtype.name for p in plan))}
         else:
             base = base_quant(source, self.options)
             base_dir = out_dir / ".base"
             base_dir.mkdir()
-            plan, vocab = write_direct(source, base, base_dir / f"{ctx.name}-{base.upper()}.gguf", ctx.name,
+            plan, vocab = write_direct(source, base, base_dir / f"{ctx.name}-{base.upper()}.gguf",
                                        self.options.split_max_size, ctx.progress)  # fmt: skip
             imatrix = None
             if self.options.imatrix:
