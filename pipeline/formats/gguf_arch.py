@@ -16,7 +16,7 @@ from functools import cached_property
 
 import gguf
 
-from pipeline.archs import COMMON_HPARAMS, Arch, arch, supported
+from pipeline.archs import ARCHS, COMMON_HPARAMS, Arch, arch, supported
 from pipeline.types import FormatError
 
 SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
@@ -59,8 +59,9 @@ class Architecture:
 def architecture(model_type: str, config: dict) -> Architecture:
     row = arch(model_type)
     if row.gguf is None:
-        raise FormatError(f"GGUF does not support architecture {model_type!r}: llama.cpp's architecture for it is not "
-                          f"in weightsmith's table (supported: {', '.join(supported('gguf'))})")  # fmt: skip
+        why = "not converted to GGUF yet" if model_type in ARCHS else "not in weightsmith's architecture table"
+        raise FormatError(f"GGUF does not support architecture {model_type!r}: {why} (supported: "
+                          f"{', '.join(supported('gguf'))})")  # fmt: skip
     return Architecture(model_type, row, config["num_hidden_layers"])
 
 
