@@ -40,7 +40,7 @@ from pipeline.artifacts import (
     write_manifest,
 )
 from pipeline.corpus import calibration_samples, load_text
-from pipeline.files import staging_dir, write_json
+from pipeline.files import replace_dir, staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
 from pipeline.handoff import chat_info, write_handoff
 from pipeline.lock import output_lock
@@ -305,8 +305,6 @@ def publish(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
     candidate = candidate_dir(final)
     passed = current.steps.get(Step.VALIDATE) == Status.OK and Status.FAILED not in current.steps.values()
     if passed and candidate.is_dir():
-        from pipeline.files import replace_dir
-
         replace_dir(candidate, final)
         log.info("%s: published %s", fmt.target.key, final)
         return current
