@@ -201,3 +201,17 @@ def test_a_gptq_no_better_than_rtn_fails():
     assert gptq_format.beats_rtn(1.0007, 1.0005) == []  # INT8: both within noise of the source
     (failure,) = gptq_format.beats_rtn(1.35, 1.34)
     assert "not below round-to-nearest's 1.3400" in failure
+
+
+def test_the_layer_stream_holds_one_layer_at_a_time(tiny_model):
+    """Each layer's weights are let go once its outputs are computed: the skeleton never fills up with the model."""
+    from pipeline.archs import DENSE_LINEARS
+    from pipeline.quantizers.layers import LayerStream
+
+    stream = LayerStream(inspect_checkpoint(tiny_model("llama")), [list(range(1, 33))] * 2, DENSE_LINEARS)
+    for index in range(stream.n_layers):
+        layer, _, groups = stream.collect(index)
+        assert all(p.device.type == "cpu" for p in layer.parameters()) and len(groups) == 4  # qkv, o, gate/up, down
+        stream.advance(layer)
+        held = [p for layer in stream.model.model.layers for p in layer.parameters() if p.device.type != "meta"]
+        assert held == []

@@ -130,6 +130,8 @@ class LayerStream:
         return layer, state, groups
 
     def advance(self, layer: torch.nn.Module) -> None:
-        """Replace the stored activations by this (quantized) layer's outputs."""
+        """Replace the stored activations by this (quantized) layer's outputs, then let the layer's weights go: the
+        skeleton keeps it on the `meta` device, so the model never accumulates in memory."""
         with torch.inference_mode():
             self.hidden = [self.forward(layer, hidden) for hidden in self.hidden]
+        layer.to(device="meta")
