@@ -155,7 +155,9 @@ def tiny_model(tmp_path_factory, smollm2_dir):
     def get(name: str) -> Path:
         if name not in made:
             model_type, overrides = TINY_MODELS[name]
-            made[name] = make_tiny_model(tmp_path_factory.mktemp(name), model_type, smollm2_dir, **overrides)
+            # a neutral folder name: it becomes the model's name (GGUF `general.name`), and llama.cpp applies family
+            # vocabulary rules by that name (a tiny phi3 borrowing SmolLM2's tokenizer, named "phi3", will not load)
+            made[name] = make_tiny_model(tmp_path_factory.mktemp("tiny"), model_type, smollm2_dir, **overrides)
         return made[name]
 
     return get
