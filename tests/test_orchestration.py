@@ -147,7 +147,8 @@ def prefect_server(tmp_path):
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
-           "PREFECT_LOGGING_EXTRA_LOGGERS": "weightsmith", "PWD": str(REPO)}  # fmt: skip
+           "PREFECT_LOGGING_EXTRA_LOGGERS": "weightsmith", "PWD": str(REPO),
+           "PREFECT_WORKER_QUERY_SECONDS": "2"}  # workers look for flow runs every 2 s, not 10  # fmt: skip
     logs = [(tmp_path / f"{name}.log").open("w") for name in ("server", "worker", "apple-worker")]
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=logs[0], stderr=subprocess.STDOUT)  # fmt: skip
@@ -219,12 +220,12 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     # test are handed to the apple worker. The TensorRT engine step needs cuda, where no worker runs: it waits the
     # dispatch timeout, then ends not_run. GGUF and the TensorRT checkpoint run here, on the cpu worker.
     run = run_deployment(env, "convert/qwen", only=["gguf/f16", "mlx/q8", "tensorrt/fp16"], output=str(output),
-                         source=str(tiny_model("llama")), dispatch_timeout=20)  # fmt: skip
+                         source=str(tiny_model("llama")), dispatch_timeout=60)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     qwen = output / "qwen2.5-0.5b-instruct"
     assert json.loads((qwen / "gguf-f16" / "manifest.json").read_text())["status"] == "ok"
     trt = json.loads((qwen / "tensorrt-fp16" / "manifest.json").read_text())
-    assert trt["status"] == "not_run" and "no_cuda_worker" in trt["reason"] and "within 20 s" in trt["reason"]
+    assert trt["status"] == "not_run" and "no_cuda_worker" in trt["reason"] and "within 60 s" in trt["reason"]
     assert trt["steps"] == {"build": "built", "validate": "ok", "engine": "not_run"}
     assert trt["smoke"]["engine"]["build"]["reason"] == "no_cuda_worker"
     mlx = json.loads((qwen / "mlx-q8" / "manifest.json").read_text())
