@@ -17,7 +17,7 @@ from pipeline.recipe import load_recipe
 from pipeline.source import resolve_source
 from pipeline.types import Status, Step
 
-STEPS = (Step.BUILD, Step.VALIDATE, Step.ENGINE)
+STEPS = (Step.BUILD, Step.VALIDATE, Step.ENGINE, Step.SERVE)
 
 
 @flow(name="step", flow_run_name="{step} {target} ({recipe_path})", log_prints=True)

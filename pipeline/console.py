@@ -35,10 +35,16 @@ def quiet_libraries(debug: bool = False) -> None:
             os.environ.setdefault(key, value)
 
 
-def start_log(name: str, debug: bool = False) -> Path:
-    """Log everything to a file for this run; weightsmith's INFO (everything's DEBUG with `debug`) to the terminal."""
+def log_folder() -> Path:
+    """Where run logs (and the logs of servers started by the serve check) go."""
     folder = cache_root() / "logs"
     folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def start_log(name: str, debug: bool = False) -> Path:
+    """Log everything to a file for this run; weightsmith's INFO (everything's DEBUG with `debug`) to the terminal."""
+    folder = log_folder()
     path = folder / f"{name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))

@@ -6,6 +6,8 @@
               from the same inputs is already published (then every later step of the target is skipped)
     validate  run the candidate in its own runtime against the source; judge it against the budget
     engine    (formats that have one) build and run the engine from the validated candidate
+    serve     (formats that have a server script) start it from the candidate's folder and check its chat replies
+              against our runtime's (pipeline.serve)
     publish   move a validated candidate into place in one rename; anything else leaves the published artifact
               untouched and records why there is no new one
 
@@ -112,7 +114,7 @@ def should_run(step: PlannedStep, current: Manifest | None) -> bool:
         return False
     if step.step == Step.VALIDATE:
         return current.status == Status.BUILT
-    if step.step == Step.ENGINE:
+    if step.step in (Step.ENGINE, Step.SERVE):
         return current.status == Status.OK
     return True  # publish: a new artifact, or the record of why there is none
 
@@ -132,7 +134,8 @@ def run_step(recipe: Recipe, source: SourceInfo, plan: Plan, step: PlannedStep, 
     """One step of the plan, on the artifact pulled from the recipe's output storage (pushed back after)."""
     fmt, target = plan.formats[step.key], step.target
     run = {Step.BUILD: functools.partial(build, force=force, inputs_hash=plan.inputs(source, step.key)),
-           Step.VALIDATE: validate, Step.ENGINE: engine, Step.PUBLISH: publish}[step.step]  # fmt: skip
+           Step.VALIDATE: validate, Step.ENGINE: engine, Step.SERVE: serve,
+           Step.PUBLISH: publish}[step.step]  # fmt: skip
     folders = [target.folder, candidate_dir(Path(target.folder)).name]
     for folder in [*map(folder_of, inputs), *folders]:
         storage.pull(recipe.output, recipe.name, folder)
@@ -160,7 +163,7 @@ def cannot_run(fmt: Format, step: Step) -> str | None:
     """Why `step` cannot run on this machine (missing package or hardware), or None."""
     if why := fmt.missing_dependency(step):
         return why
-    wanted = fmt.hardware[step]
+    wanted = fmt.runs_on(step)
     if not set(wanted) & hardware.available():
         kinds = ", ".join(sorted(hardware.available()))
         return f"no_{wanted[0]}_device: {step} needs {' or '.join(wanted)}; this machine offers {kinds}"
@@ -281,6 +284,26 @@ def record_engine(recipe: Recipe, fmt: Format, folder: Path, current: Manifest, 
     return _with_handoff(recipe, fmt, folder, current.with_step(Step.ENGINE, status, reason, smoke=smoke))
 
 
+def serve(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
+          inputs: dict[str, Manifest]) -> Manifest:  # fmt: skip
+    """The serve check of a validated candidate: ok, failed (then it is not published), or not_run with the reason
+    where the server cannot run here; the target keeps its status unless the check failed."""
+    folder = candidate_dir(published(recipe, fmt.target.key))
+    if why := cannot_run(fmt, Step.SERVE):
+        outcome = {"status": Status.NOT_RUN, "server": fmt.server, "reason": why}
+    else:
+        log.info("%s: serve check in %s", fmt.target.key, fmt.server)
+        log_file = console.log_folder() / f"serve-{fmt.target.folder}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+        outcome = fmt.serve(folder, current, recipe.validation, log_file)
+    failed = outcome["status"] == Status.FAILED
+    updates = {"serve": outcome, "steps": {**current.steps, Step.SERVE: outcome["status"]},
+               "status": Status.FAILED if failed else current.status,
+               "reason": f"serve check: {outcome['reason']}" if failed else current.reason}  # fmt: skip
+    if not failed:
+        log.info("%s: serve check %s (%s)", fmt.target.key, outcome["status"], outcome.get("reason") or fmt.server)
+    return _record(folder, current.model_copy(update=updates))
+
+
 def not_run_elsewhere(recipe: Recipe, source: SourceInfo, fmt: Format, step: Step, current: Manifest | None,
                       status: Status, code: str, detail: str, inputs_hash: str) -> Manifest:  # fmt: skip
     """Record that `step`, handed to another hardware pool, did not run there (`not_run`) or failed there
@@ -333,6 +356,10 @@ def _record(folder: Path, manifest: Manifest) -> Manifest:
 
 def _with_handoff(recipe: Recipe, fmt: Format, folder: Path, manifest: Manifest) -> Manifest:
     """Write the serving hand-off files and model card of a validated candidate, then its manifest listing them."""
+    manifest = manifest.model_copy(update={"serving": fmt.serving(folder)})
+    for stack, verdict in manifest.serving.items():
+        if not verdict.accepts:
+            log.warning("%s: not for %s: %s", manifest.target, stack, verdict.why)
     try:
         files = fmt.handoff_files(folder, manifest, chat_info(manifest, published(recipe, fmt.target.key)))
         written = write_handoff(folder, manifest, files, fmt.library)

@@ -92,13 +92,31 @@ def modelfile_value(text: str) -> str:
     return f'"{text}"' if plain else f'"""{text}"""'
 
 
-def script(argv: list[str]) -> str:
-    """A shell script that runs `argv` from its own folder (paths in argv are relative to it)."""
-    return '#!/bin/sh\ncd "$(dirname "$0")"  # paths below are relative to this folder\n' + shlex.join(argv) + "\n"
+def script(argv: list[str], fallback: list[str] | None = None, why: str = "") -> str:
+    """A shell script that runs `argv` from its own folder (paths in argv are relative to it), passing its own
+    arguments on (`--port 9000` overrides the default). With `fallback`: that command where `argv[0]` is not
+    installed (`why` says what it is); "$PYTHON" in it is the Python to use (python3 unless set)."""
+    lines = ["#!/bin/sh", 'cd "$(dirname "$0")"  # paths below are relative to this folder']
+    if fallback:
+        lines += [f"if command -v {shlex.quote(argv[0])} >/dev/null 2>&1; then", f'  exec {shlex.join(argv)} "$@"',
+                  "fi", f"# {why}", f'exec {_with_python(shlex.join(fallback))} "$@"']  # fmt: skip
+    else:
+        lines.append(f'exec {shlex.join(argv)} "$@"')
+    return "\n".join(lines) + "\n"
 
 
-def billions(manifest: Manifest) -> float:
-    return round(manifest.source.get("n_params", 0) / 1e9, 3)
+def _with_python(command: str) -> str:
+    return command.replace("'$PYTHON'", '"${PYTHON:-python3}"').replace("$PYTHON", '"${PYTHON:-python3}"')
+
+
+def xinference_size(manifest: Manifest) -> int | str:
+    """The model size as Xinference's `model_size_in_billions` takes it: an int, or a string with `_` for the
+    decimal point ("0_135", "1_5"); a float is refused by its registration."""
+    n = manifest.source.get("n_params", 0) / 1e9
+    text = f"{n:.3f}" if n < 1 else f"{n:.1f}"
+    whole, _, fraction = text.partition(".")
+    fraction = fraction.rstrip("0")
+    return f"{whole}_{fraction}" if fraction else int(whole)
 
 
 def model_card(manifest: Manifest, handoff: dict[str, str], library: str) -> str:
@@ -130,6 +148,10 @@ def model_card(manifest: Manifest, handoff: dict[str, str], library: str) -> str
     ]
     if manifest.reason:
         lines += [f"Status note: {md_text(manifest.reason)}", ""]
+    refused = {stack: verdict.why for stack, verdict in manifest.serving.items() if not verdict.accepts}
+    if refused:
+        lines += ["## Not for", ""] + [f"- {md_text(stack)}: {md_text(why or '')}" for stack, why in refused.items()]
+        lines += [""]
     lines += ["## How to load it", ""] + [f"- `{name}`" for name in sorted(handoff)]
     lines += ["", "Checksums of every file are in `manifest.json`.", ""]
     return "\n".join(lines)

@@ -62,7 +62,7 @@ def make_plan(recipe: Recipe) -> Plan:
         fmt = formats[target.key]
         for step in fmt.steps:
             reads = tuple(fmt.depends_on()) if step in (Step.BUILD, Step.ENGINE) else ()
-            steps.append(PlannedStep(step, target, fmt.hardware.get(step, ("cpu",)), reads))
+            steps.append(PlannedStep(step, target, fmt.runs_on(step), reads))
     return Plan(recipe, steps, formats)
 
 

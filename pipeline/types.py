@@ -44,6 +44,7 @@ class Step(str, Enum):
     BUILD = "build"  # write the artifact into a staging folder
     VALIDATE = "validate"  # run it in its own runtime against the source
     ENGINE = "engine"  # a further build and run on other hardware (TensorRT engines)
+    SERVE = "serve"  # the artifact's own server script answers as our runtime did (pipeline.serve)
     PUBLISH = "publish"  # move the validated artifact into place
 
     def __str__(self) -> str:
@@ -203,6 +204,15 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+class Serving(BaseModel):
+    """Whether one serving stack's loader takes an artifact, judged by that loader's rules (`by`); no hand-off file
+    promises a stack that refuses it."""
+
+    accepts: bool
+    why: str | None = None  # what its loader refuses, when it does
+    by: str
+
+
 class Manifest(BaseModel):
     """An artifact folder's `manifest.json`: what it is, what it was made from, how it was judged."""
 
@@ -225,6 +235,8 @@ class Manifest(BaseModel):
     smoke: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None
     handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
+    serving: dict[str, Serving] = Field(default_factory=dict)  # per serving stack: whether its loader takes it
+    serve: dict[str, Any] | None = None  # the serve check's outcome: server, replies, time to first token
     inputs: str | None = None  # hash of what the artifact was made from (see pipeline.plan.target_inputs)
     resumed: bool = Field(default=False, exclude=True)  # this run found it complete and up to date (not stored)
     timings: dict[str, float] = Field(default_factory=dict)

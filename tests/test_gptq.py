@@ -52,7 +52,7 @@ def test_packing_round_trip_equals_plain_dequantization(spec):
     assert int(quantized.q.max()) <= spec.maxq
     if spec.sym and spec.bits == 4:
         assert (tensors["qzeros"] == 0x77777777).all()  # v1 stores zero - 1: 7 in every nibble
-    if spec.desc_act and not spec.static_groups and spec.group_size != -1:
+    if gptq_format.scattered_groups(spec):  # what the checkpoint's `desc_act` says
         assert not torch.equal(quantized.g_idx, torch.arange(columns, dtype=torch.int32) // spec.group_size)
     else:
         assert torch.equal(quantized.g_idx, torch.arange(columns, dtype=torch.int32) // spec.width(columns))
@@ -115,8 +115,12 @@ def test_artifact_layout_matches_gptqmodels_own(build):
     for name in ("quantization_config",):
         ours_config = json.loads((ours / "config.json").read_text())[name]
         theirs_config = json.loads((theirs / "config.json").read_text())[name]
-        for key in ("quant_method", "bits", "group_size", "desc_act", "sym", "lm_head", "checkpoint_format", "format"):
+        for key in ("quant_method", "bits", "group_size", "sym", "lm_head", "checkpoint_format", "format"):
             assert ours_config[key] == theirs_config[key], key
+        # GPTQModel writes desc_act: true for act-order with static groups; the g_idx is trivial, so ours says false
+        # (vLLM refuses desc_act with groups) and records act-order in `meta`
+        assert theirs_config["desc_act"] and not ours_config["desc_act"] and ours_config["meta"]["act_order"]
+        assert torch.equal(mine["model.layers.0.mlp.up_proj.g_idx"], reference["model.layers.0.mlp.up_proj.g_idx"])
     quantize_config = json.loads((ours / "quantize_config.json").read_text())
     assert quantize_config["bits"] == 4 and quantize_config["group_size"] == 32
 
@@ -215,3 +219,36 @@ def test_the_layer_stream_holds_one_layer_at_a_time(tiny_model):
         stream.advance(layer)
         held = [p for layer in stream.model.model.layers for p in layer.parameters() if p.device.type != "meta"]
         assert held == []
+
+
+@pytest.mark.parametrize(("spec", "refused"), [
+    (G.QuantSpec(4, 128), None),
+    (G.QuantSpec(4, 32, desc_act=True, static_groups=True), None),  # act-order, trivial g_idx: desc_act false
+    (G.QuantSpec(4, -1, desc_act=True), None),
+    (G.QuantSpec(4, 32, desc_act=True), "desc_act true"),  # scattered groups
+    (G.QuantSpec(8, 64), "bits 8"),
+    (G.QuantSpec(4, 128, sym=False), "sym false"),
+    (G.QuantSpec(4, 256), "group_size 256"),
+], ids=str)  # fmt: skip
+def test_vllm_is_promised_only_what_its_gptq_loader_takes(spec, refused):
+    """vLLM 0.32's GPTQ loader (measured, ../shared/FINDINGS.md): 4-bit symmetric, groups -1/32/64/128, no
+    desc_act with groups. The config we write is judged by those rules."""
+    why = gptq_format.vllm_refusal(gptq_format.quantization_config(spec))
+    assert why is None if refused is None else refused in why
+
+
+def test_a_refused_stack_gets_no_handoff_file_and_the_manifest_says_why(build):
+    from pipeline.handoff import model_card
+    from pipeline.types import Manifest, Status
+
+    folder, _, source = build("int8", group_size=64, shard_size=1_000_000)
+    fmt = Format.for_target(Target(format="gptq", quant="int8", options={"group_size": 64}))
+    manifest = Manifest(model="tiny", target="gptq/int8", format="gptq", quant="int8", status=Status.OK,
+                        source={"n_params": 135_000_000}, serving=fmt.serving(folder))  # fmt: skip
+    assert not manifest.serving["vllm"].accepts and "bits 8" in manifest.serving["vllm"].why
+    chat = {"context": 2048, "template": None, "published": folder, "stop_ids": [2], "stop": ["</s>"]}
+    files = fmt.handoff_files(folder, manifest, chat)
+    assert "vllm-serve.sh" not in files and "xinference.json" in files
+    assert json.loads(files["xinference.json"])["model_specs"][0]["model_size_in_billions"] == "0_135"
+    card = model_card(manifest, files, "transformers")
+    assert "## Not for" in card and "- vllm: vLLM's GPTQ loader takes 4-bit" in card

@@ -69,6 +69,14 @@ def test_report_renders_in_headless_chromium(run, tmp_path):
     assert gguf_point > 30 and axis_text > 200, "the chart is not on screen"
 
 
+def script_command(path):
+    """The command a hand-off script runs (its first `exec` line), without `exec` and the passed-on "$@"."""
+    line = next(line.strip() for line in path.read_text().splitlines() if line.strip().startswith("exec "))
+    argv = shlex.split(line)[1:]
+    assert argv[-1] == "$@"  # arguments given to the script reach the server
+    return argv[:-1]
+
+
 def test_gguf_handoff_files(run):
     recipe, _, source = run
     folder = recipe.output_dir() / "gguf-q8_0"
@@ -87,14 +95,14 @@ def test_gguf_handoff_files(run):
     localai = yaml.safe_load((folder / "localai.yaml").read_text())
     assert localai["backend"] == "llama-cpp" and (folder / localai["parameters"]["model"]).is_file()
     assert localai["template"] == {"use_tokenizer_template": True} and tokenizer.eos_token in localai["stopwords"]
-    argv = shlex.split((folder / "llama-server.sh").read_text().splitlines()[-1])
+    argv = script_command(folder / "llama-server.sh")  # the llama-server line; the fallback is tested in test_serve
     assert argv[:2] == ["llama-server", "-m"] and (folder / argv[2]).samefile(folder / gguf_from) and "--jinja" in argv
 
 
 def test_gptq_handoff_files(run):
     recipe, _, source = run
     folder = recipe.output_dir() / "gptq-int4"
-    argv = shlex.split((folder / "vllm-serve.sh").read_text().splitlines()[-1])
+    argv = script_command(folder / "vllm-serve.sh")
     assert (
         argv[:3] == ["vllm", "serve", "."] and argv[argv.index("--quantization") + 1] == "gptq"
     )  # run from its folder
@@ -103,6 +111,11 @@ def test_gptq_handoff_files(run):
     (spec,) = xinference["model_specs"]
     assert spec["model_format"] == "gptq" and spec["quantization"] == "Int4"
     assert spec["model_uri"] == folder.resolve().as_uri()
+    # Xinference's registration takes an int or a string with "_" for the decimal point, never a float
+    size = spec["model_size_in_billions"]
+    assert isinstance(size, int) or re.fullmatch(r"\d+_\d+", size), size
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["serving"]["vllm"]["accepts"] and manifest["serving"]["vllm"]["why"] is None
     tokenizer = load_tokenizer(source)
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -130,9 +143,8 @@ def test_model_cards_and_other_handoffs(run):
         assert manifest["format"] in front["tags"] and front["library_name"]
         assert f"| {row['target']} | {row['status']} |" in card
         assert set(manifest["handoff"]) <= {f["path"] for f in manifest["files"]}  # hashed like everything else
-    assert shlex.split((root / "mlx-q8" / "mlx-server.sh").read_text().splitlines()[-1])[0] == "mlx_lm.server"
-    serve = (root / "tensorrt-fp16" / "trtllm-serve.sh").read_text().splitlines()[-1]
-    assert shlex.split(serve)[0] == "trtllm-serve"
+    assert script_command(root / "mlx-q8" / "mlx-server.sh")[0] == "mlx_lm.server"
+    assert script_command(root / "tensorrt-fp16" / "trtllm-serve.sh")[0] == "trtllm-serve"
 
 
 @pytest.mark.parametrize("text", ["<|im_end|>", "</s>", "a b", 'say "hi"', 'ends with "', "two\nlines",
@@ -155,3 +167,14 @@ def test_modelfile_values_ollama_cannot_read_back_are_refused(text):
             modelfile_value(text)
     else:
         assert ollama_modelfile.parse(f"FROM ./m.gguf\nPARAMETER stop {modelfile_value(text)}\n")[1] == ("stop", "")
+
+
+@pytest.mark.parametrize(("n_params", "size"), [(135_000_000, "0_135"), (1_540_000_000, "1_5"), (7_000_000_000, 7),
+                                                 (72_700_000_000, "72_7"), (999_900_000, 1)])  # fmt: skip
+def test_xinference_size_is_what_its_registration_takes(n_params, size):
+    from pipeline.handoff import xinference_size
+    from pipeline.types import Manifest, Status
+
+    manifest = Manifest(model="m", target="gptq/int4", format="gptq", quant="int4", status=Status.OK,
+                        source={"n_params": n_params})  # fmt: skip
+    assert xinference_size(manifest) == size

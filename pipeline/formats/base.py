@@ -21,7 +21,18 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipeline.types import Calibration, FormatError, Hardware, Manifest, SourceInfo, Status, Step, Target, Validation
+from pipeline.types import (
+    Calibration,
+    FormatError,
+    Hardware,
+    Manifest,
+    Serving,
+    SourceInfo,
+    Status,
+    Step,
+    Target,
+    Validation,
+)
 
 Progress = Callable[[int, int, str], None]
 
@@ -52,6 +63,8 @@ class Format:
     library: ClassVar[str]  # the model card's `library_name` (Hugging Face hub conventions)
     options_model: ClassVar[type[Options]] = Options
     hardware: ClassVar[dict[Step, tuple[Hardware, ...]]]  # per step: the kinds it runs on, preferred first
+    server_script: ClassVar[str | None] = None  # hand-off script that starts its server (adds the SERVE step)
+    server: ClassVar[str] = ""  # that server, in words
     registry: ClassVar[dict[str, type[Format]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -98,8 +111,12 @@ class Format:
 
     @property
     def steps(self) -> tuple[Step, ...]:
-        """The steps of this target, in order."""
-        return (Step.BUILD, Step.VALIDATE, Step.PUBLISH)
+        """The steps of this target, in order: a serve check where the format has a server script."""
+        return (Step.BUILD, Step.VALIDATE, *((Step.SERVE,) if self.server_script else ()), Step.PUBLISH)
+
+    def runs_on(self, step: Step) -> tuple[Hardware, ...]:
+        """The hardware kinds `step` runs on, preferred first (a serve check runs where validation does)."""
+        return self.hardware.get(step) or self.hardware.get(Step.VALIDATE, ("cpu",))
 
     def depends_on(self) -> list[str]:
         """Keys of the recipe targets whose validated artifacts this one is made from."""
@@ -147,6 +164,20 @@ class Format:
         raise NotImplementedError
 
     # serving
+
+    def serve(self, artifact: Path, manifest: Manifest, validation: Validation, log: Path) -> dict[str, Any]:
+        """The SERVE step: the artifact's own server script, run as written, answers the smoke test's prompts as our
+        runtime did (`pipeline.serve`). {"status", "server", "cases", "reason"}."""
+        from pipeline.handoff import chat_info
+        from pipeline.serve import serve_check
+
+        stops = chat_info(manifest, artifact)["stop"]
+        return serve_check(artifact / self.server_script, self.server, manifest.smoke or {}, stops,
+                           validation.max_new_tokens, log)  # fmt: skip
+
+    def serving(self, artifact: Path) -> dict[str, Serving]:
+        """Per serving stack this format is for, whether its loader takes the artifact (by that loader's rules)."""
+        return {}
 
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
         """Serving hand-off files for a validated artifact: {file name: text}. The model card is added by the caller."""

@@ -224,6 +224,8 @@ class GGUF(Format):
     library = "gguf"
     options_model = Options
     hardware = {Step.BUILD: ("cpu",), Step.VALIDATE: ("cpu", "cuda")}
+    server_script = "llama-server.sh"
+    server = "llama.cpp's server"
     options: Options
 
     @classmethod
@@ -238,7 +240,9 @@ class GGUF(Format):
         return self.options.imatrix
 
     def missing_dependency(self, step: Step) -> str | None:
-        if step == Step.VALIDATE or self.quant in LLAMA_CPP:
+        if step == Step.SERVE and not shutil.which("llama-server"):  # the script's fallback: llama-cpp-python's
+            return missing_modules({"llama_cpp.server.app": "llama-cpp-python[server]"}, self.extra)
+        if step in (Step.VALIDATE, Step.SERVE) or self.quant in LLAMA_CPP:
             return missing_modules({"llama_cpp": "llama-cpp-python"}, self.extra)
         return None
 
@@ -316,5 +320,8 @@ class GGUF(Format):
                    "stopwords": chat["stop"]}  # fmt: skip
         server = ["llama-server", "-m", file, "--jinja", "-c", str(chat["context"]), "--host", "127.0.0.1", "--port",
                   "8080"]  # fmt: skip
+        python = ["$PYTHON", "-m", "llama_cpp.server", "--model", file, "--n_ctx", str(chat["context"]), "--host",
+                  "127.0.0.1", "--port", "8080"]  # fmt: skip
+        why = "no llama-server binary: the same llama.cpp through pip install 'llama-cpp-python[server]'"
         return {"Modelfile": "\n".join(lines) + "\n", "localai.yaml": yaml.safe_dump(localai, sort_keys=False),
-                "llama-server.sh": handoff.script(server)}  # fmt: skip
+                "llama-server.sh": handoff.script(server, python, why)}  # fmt: skip

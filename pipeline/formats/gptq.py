@@ -42,8 +42,11 @@ from pipeline.corpus import calibration_samples, load_text, samples_digest
 from pipeline.formats.base import BuildContext, Format, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
 from pipeline.source import load_tokenizer
-from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
+from pipeline.types import FormatError, Manifest, Serving, SourceInfo, Step, Validation
 
+# vLLM 0.32's GPTQ loader (`--quantization gptq`, measured: ../shared/FINDINGS.md): what it takes of each config key
+VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
+VLLM = "vLLM 0.32's GPTQ loader rules"
 RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
 
@@ -154,19 +157,38 @@ class GPTQ(Format):
         result["failures"] += beats_rtn(quality["ppl_ratio"], quality["rtn_ppl_ratio"])
         return result
 
+    def serving(self, artifact: Path) -> dict[str, Serving]:
+        config = json.loads((artifact / "config.json").read_text(encoding="utf-8"))["quantization_config"]
+        why = vllm_refusal(config)
+        return {"vllm": Serving(accepts=why is None, why=why, by=VLLM)}
+
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
-        """A vLLM serve script, an Xinference registration and a transformers example."""
+        """A vLLM serve script (where vLLM takes the checkpoint), an Xinference registration and a transformers
+        example."""
         return gptq_files(artifact, manifest, chat)
 
 
+def vllm_refusal(config: dict[str, Any]) -> str | None:
+    """What vLLM's GPTQ loader refuses in a checkpoint's quantization config, or None."""
+    refused = [f"{key} {json.dumps(config[key])}" for key, takes in VLLM_GPTQ.items() if config[key] not in takes]
+    if not refused:
+        return None
+    return (f"vLLM's GPTQ loader takes 4-bit symmetric checkpoints with group -1/32/64/128 and no act-order scattering "
+            f"(desc_act false); this one has {', '.join(refused)}")  # fmt: skip
+
+
 def quantization_config(spec) -> dict[str, Any]:
+    """The checkpoint's `quantization_config`. `desc_act` tells a loader that `g_idx` is not trivial (columns of a group
+    are scattered); act-order with static groups, or with one group per row, leaves it trivial, so such a checkpoint
+    is written as what it is, `desc_act: false` (vLLM refuses `desc_act: true` with groups), and `meta` records that
+    act-order was used to solve it."""
     from pipeline import __version__
 
     return {
         "quant_method": "gptq",
         "bits": spec.bits,
         "group_size": spec.group_size,
-        "desc_act": spec.desc_act,
+        "desc_act": scattered_groups(spec),
         "sym": spec.sym,
         "static_groups": spec.static_groups,
         "damp_percent": spec.damp,
@@ -175,8 +197,13 @@ def quantization_config(spec) -> dict[str, Any]:
         "checkpoint_format": "gptq",
         "format": "gptq",
         "pack_dtype": "int32",
-        "meta": {"quantizer": [f"weightsmith:{__version__}"]},
+        "meta": {"quantizer": [f"weightsmith:{__version__}"], "act_order": spec.desc_act},
     }
+
+
+def scattered_groups(spec) -> bool:
+    """Whether act-order left each group's columns scattered over the row (a `g_idx` that is not i // group_size)."""
+    return spec.desc_act and not spec.static_groups and spec.group_size != -1
 
 
 def write_configs(source: SourceInfo, spec, out_dir: Path) -> None:
@@ -324,7 +351,7 @@ def gptq_files(folder: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[s
         "model_ability": ["generate", "chat"] if chat["template"] else ["generate"],
         "model_description": f"{manifest.model} GPTQ int{config['bits']} (group {config['group_size']}) by weightsmith",
         "model_family": "other",
-        "model_specs": [{"model_format": "gptq", "model_size_in_billions": handoff.billions(manifest),
+        "model_specs": [{"model_format": "gptq", "model_size_in_billions": handoff.xinference_size(manifest),
                          "quantization": f"Int{config['bits']}", "model_uri": chat["published"].as_uri()}],
         "chat_template": chat["template"],
         "stop_token_ids": chat["stop_ids"],
@@ -343,8 +370,7 @@ messages = [{{"role": "user", "content": "What is the capital of France?"}}]
 ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt").to(model.device)
 print(tokenizer.decode(model.generate(ids, max_new_tokens=32)[0, ids.shape[1]:], skip_special_tokens=True))
 '''
-    return {
-        "vllm-serve.sh": handoff.script(vllm),
-        "xinference.json": json.dumps(xinference, indent=2) + "\n",
-        "transformers_example.py": snippet,
-    }
+    files = {"xinference.json": json.dumps(xinference, indent=2) + "\n", "transformers_example.py": snippet}
+    if manifest.serving["vllm"].accepts:
+        files["vllm-serve.sh"] = handoff.script(vllm)
+    return files

@@ -55,6 +55,8 @@ class MLX(Format):
     library = "mlx"
     options_model = Options
     hardware = {Step.BUILD: ("apple", "cpu", "cuda"), Step.VALIDATE: ("apple", "cpu", "cuda")}
+    server_script = "mlx-server.sh"
+    server = "mlx_lm.server"
     options: Options
 
     @classmethod
@@ -112,6 +114,17 @@ class MLX(Format):
     def eval_tokens(self, runtime: MlxRuntime) -> int | None:
         return CPU_EVAL_TOKENS if runtime.backend == "cpu" else None
 
+    def serve(self, artifact: Path, manifest: Manifest, validation: Validation, log: Path) -> dict[str, Any]:
+        """`mlx_lm.server` computes in the dtype the folder stores, where our validation on the CPU backend computes in
+        float32: the replies it must give are mlx-lm's in the stored dtype, computed here first (and recorded)."""
+        from pipeline.serve import serve_check
+
+        chat = handoff.chat_info(manifest, artifact)
+        expected = stored_dtype_replies(artifact, manifest.smoke or {}, chat["stop_ids"], validation.max_new_tokens)
+        outcome = serve_check(artifact / self.server_script, self.server, {"generation": {"cases": expected}},
+                              chat["stop"], validation.max_new_tokens, log)  # fmt: skip
+        return {**outcome, "compared_with": "mlx-lm in the stored dtype, as the server computes"}
+
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
         """An `mlx_lm.server` script (run from the artifact's folder) and a note for LM Studio."""
         server = ["mlx_lm.server", "--model", ".", "--host", "127.0.0.1", "--port", "8080"]
@@ -122,3 +135,19 @@ class MLX(Format):
             "safetensors weights, the tokenizer and the chat template, which is all LM Studio's MLX engine reads.\n"
         )
         return {"mlx-server.sh": handoff.script(server), "LMSTUDIO.md": note}
+
+
+def stored_dtype_replies(artifact: Path, smoke: dict[str, Any], stop_ids: list[int],
+                         max_new_tokens: int) -> list[dict[str, str]]:  # fmt: skip
+    """mlx-lm's greedy replies to the smoke test's prompts, chat-templated, in the dtype the folder stores."""
+    runtime = MlxRuntime(artifact, stored_dtype=True)
+    try:
+        cases = []
+        for case in smoke["generation"]["cases"]:
+            ids = runtime.tokenizer.apply_chat_template([{"role": "user", "content": case["prompt"]}],
+                                                        add_generation_prompt=True)  # fmt: skip
+            out = runtime.greedy(list(ids), max_new_tokens, set(stop_ids))
+            cases.append({"prompt": case["prompt"], "text": runtime.tokenizer.decode(out, skip_special_tokens=True)})
+        return cases
+    finally:
+        runtime.close()

@@ -193,7 +193,7 @@ def gptq_artifact(path: Path, key: str) -> dict[str, Any]:
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     if config["bits"] != 4:
         raise FormatError(f"{key} is a {config['bits']}-bit GPTQ artifact; w4a16_gptq needs 4 bits")
-    if config["desc_act"] and not config.get("static_groups"):
+    if config["desc_act"]:  # groups scattered by act-order (see pipeline.formats.gptq.quantization_config)
         raise FormatError(f"{key} uses act-order without static_groups: TensorRT-LLM's GPTQ kernels take no g_idx; "
                           f"quantize with static_groups: true")  # fmt: skip
     return {"path": path, "config": config}

@@ -1,9 +1,10 @@
 """An MLX folder in mlx-lm, on whatever MLX backend the worker has (Metal on Apple silicon, CUDA, or the CPU
 backend of `mlx[cpu]` on Linux).
 
-On the CPU backend the model runs with float32 activations: MLX's CPU kernels for bfloat16/float16 activations were
-measured ~25x less accurate and ~9x slower than float32 on this project's machines, so float32 measures the
-artifact's weights rather than the CPU kernels.
+On the CPU backend the model runs with float32 activations for validation: MLX's CPU kernels for bfloat16/float16
+activations were measured ~25x less accurate and ~9x slower than float32 on this project's machines, so float32
+measures the artifact's weights rather than the CPU kernels. `stored_dtype=True` runs it as `mlx_lm.server` does, in
+the dtype the folder stores (the serve check's reference replies).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def package_version(package: str) -> str | None:
 
 
 class MlxRuntime(Runtime):
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, stored_dtype: bool = False):
         import mlx.core as mx
         from mlx_lm import load
 
@@ -42,7 +43,7 @@ class MlxRuntime(Runtime):
         self.model, self.tokenizer = load(str(path))
         self.backend = backend()
         compute = "stored dtype"
-        if self.backend == "cpu":
+        if self.backend == "cpu" and not stored_dtype:
             self.model.set_dtype(mx.float32)  # see the module docstring
             compute = "float32"
         self.description = {
