@@ -90,11 +90,20 @@ def summary_rows(manifests: list[Manifest]) -> list[dict[str, Any]]:
                 "validated_on": f"{validated['runtime']} on {validated.get('gpu') or validated.get('cpu') or '?'}"
                 if validated.get("runtime")
                 else None,
+                "served": served(m.serve),
                 "reason": m.reason,
                 "resumed": m.resumed,
             }
         )
     return rows
+
+
+def served(outcome: dict[str, Any] | None) -> str | None:
+    """The serve check in a few words: the server, its outcome, the slowest time to first token."""
+    if not outcome:
+        return None
+    ttft = [c["ttft_s"] for c in outcome.get("cases", []) if "ttft_s" in c]
+    return f"{outcome['server']}: {outcome['status']}" + (f" (first token {max(ttft):.2f} s)" if ttft else "")
 
 
 TABLE_COLUMNS = {  # column -> format of its numbers

@@ -42,7 +42,7 @@ from pipeline.artifacts import (
     write_manifest,
 )
 from pipeline.corpus import calibration_samples, load_text
-from pipeline.files import replace_dir, staging_dir, write_json
+from pipeline.files import readable_by_all, replace_dir, staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
 from pipeline.handoff import chat_info, write_handoff
 from pipeline.lock import output_lock
@@ -212,6 +212,7 @@ def build(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest | N
     try:
         with staging_dir(candidate_dir(final)) as tmp:
             info = fmt.build(source, tmp, context)
+            readable_by_all(tmp)
             manifest = manifest.with_step(Step.BUILD, Status.BUILT, files=list_files(tmp), build=info,
                                           timings={"build_s": round(time.perf_counter() - start, 2)})  # fmt: skip
             manifest = write_manifest(tmp, manifest)

@@ -54,6 +54,16 @@ def fsync_tree(folder: Path) -> None:
         fsync_dir(path)
 
 
+def readable_by_all(folder: Path) -> None:
+    """Give every file under `folder` the modes a published artifact needs (rw-r--r--, scripts rwxr-xr-x): some
+    writers (safetensors' `save_file`) create files readable by their owner only, which a server running as another
+    user, or a copy to shared storage, cannot read."""
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            executable = path.stat().st_mode & 0o100
+            path.chmod(0o755 if executable else 0o644)
+
+
 def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:

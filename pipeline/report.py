@@ -24,6 +24,7 @@ COLUMNS = {  # column -> (heading, number format)
     "top1": ("top-1", "{:.4f}"),
     "tokens_per_s": ("tok/s", "{:.1f}"),
     "validated_on": ("validated on", "{}"),
+    "served": ("served in", "{}"),
     "reason": ("reason", "{}"),
 }
 

@@ -143,6 +143,9 @@ def test_model_cards_and_other_handoffs(run):
         assert manifest["format"] in front["tags"] and front["library_name"]
         assert f"| {row['target']} | {row['status']} |" in card
         assert set(manifest["handoff"]) <= {f["path"] for f in manifest["files"]}  # hashed like everything else
+        for entry in manifest["files"]:  # readable by a server running as another user (safetensors writes 0600)
+            mode = (folder / entry["path"]).stat().st_mode & 0o777
+            assert mode == (0o755 if entry["path"].endswith(".sh") else 0o644), (entry["path"], oct(mode))
     assert script_command(root / "mlx-q8" / "mlx-server.sh")[0] == "mlx_lm.server"
     assert script_command(root / "tensorrt-fp16" / "trtllm-serve.sh")[0] == "trtllm-serve"
 
