@@ -58,6 +58,10 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
         assert manifest["target"] in run.stdout
         manifests[manifest["target"]] = manifest
     assert manifests["gguf/q8_0"]["smoke"]["chat_template"]["matches"]  # GGUF carries its own template
+    for key, manifest in manifests.items():  # the real servers answered as our runtimes did (see test_serve)
+        if manifest["format"] in ("gguf", "mlx"):
+            assert manifest["steps"]["serve"] == "ok", (key, manifest["serve"])
+    assert "Paris" in manifests["gguf/q8_0"]["serve"]["cases"][0]["text"]
     assert "Paris" in manifests["gguf/q8_0"]["smoke"]["generation"]["cases"][0]["text"]
     assert "Paris" in manifests["onnx/fp32"]["smoke"]["generation"]["cases"][0]["text"]
     assert manifests["onnx/fp32"]["quality"]["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
