@@ -103,7 +103,7 @@ def served(outcome: dict[str, Any] | None) -> str | None:
     if not outcome:
         return None
     ttft = [c["ttft_s"] for c in outcome.get("cases", []) if "ttft_s" in c]
-    return f"{outcome['server']}: {outcome['status']}" + (f" (first token {max(ttft):.2f} s)" if ttft else "")
+    return f"{outcome['status']} in {outcome['server']}" + (f", first token {max(ttft):.2f} s" if ttft else "")
 
 
 TABLE_COLUMNS = {  # column -> format of its numbers
@@ -116,6 +116,7 @@ TABLE_COLUMNS = {  # column -> format of its numbers
     "kl_mean": "{:.5f}",
     "build_s": "{:.1f}",
     "validate_s": "{:.1f}",
+    "served": "{}",
     "reason": "{}",
 }
 

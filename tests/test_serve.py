@@ -36,7 +36,7 @@ def test_the_gguf_answers_through_llama_cpps_server_as_in_our_runtime(gguf_run):
     on_disk = json.loads((published / "manifest.json").read_text())
     assert on_disk["steps"]["serve"] == "ok" and on_disk["serve"]["cases"][0]["text"] == case["text"]
     (row,) = summary_rows([manifest])
-    assert row["served"] == f"llama.cpp's server: ok (first token {case['ttft_s']:.2f} s)"
+    assert row["served"] == f"ok in llama.cpp's server, first token {case['ttft_s']:.2f} s"
 
 
 def test_the_script_runs_relative_to_its_folder_and_takes_a_port(gguf_run):
