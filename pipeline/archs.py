@@ -4,13 +4,15 @@ Adding an architecture is adding a row (and a tiny-checkpoint test). Where the f
 data, the row only names it: GGUF tensor names come from gguf-py's `TensorNameMap` for the row's `MODEL_ARCH` (the
 names llama.cpp's own converter writes), MLX model code from mlx-lm's module of the same `model_type`. What no
 library holds as data is spelled out here: the config keys llama.cpp's converter turns into GGUF metadata beyond the
-common ones, whether q/k rows are permuted for llama.cpp's rope, which linears our GPTQ layer stream quantizes.
+common ones, whether q/k rows are permuted for llama.cpp's rope, which linears our GPTQ layer stream quantizes and
+where a mixture of experts keeps its experts (checkpoint names, transformers' fused module).
 
 `matrix()` renders the architecture x format table that the README shows (tests check that the two agree).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +35,36 @@ COMMON_HPARAMS: dict[str, tuple] = {
 }
 
 # The linears of a Llama-style decoder layer, in the order the GPTQ layer stream quantizes them.
-DENSE_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-                 "mlp.up_proj", "mlp.down_proj")  # fmt: skip
+ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+DENSE_LINEARS = (*ATTENTION_LINEARS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Where a mixture-of-experts layer keeps its experts, for GPTQ. Checkpoints (and the GPTQ artifacts vLLM and
+    GPTQModel load) hold one linear per expert and part, `{block}.experts.{e}.{gate|up|down}.weight`; transformers 5
+    fuses them at load into `{module}.experts.gate_up_proj` [experts, 2·inter, hidden] (gate rows first) and
+    `{module}.experts.down_proj` [experts, hidden, inter], the router being `{module}.gate`."""
+
+    block: str = "mlp"  # the checkpoint's name of the sparse block (Mixtral's original `block_sparse_moe`)
+    gate: str = "gate_proj"  # the checkpoint's per-expert names of the three parts (Mixtral's w1, w3, w2)
+    up: str = "up_proj"
+    down: str = "down_proj"
+    module: str = "mlp"  # transformers 5's attribute of the sparse block in the decoder layer
+
+    @property
+    def parts(self) -> dict[str, str]:
+        """transformers' (and defuser's per-expert modules') part name -> the checkpoint's."""
+        return {"gate_proj": self.gate, "up_proj": self.up, "down_proj": self.down}
+
+    def name(self, expert: int, part: str) -> str:
+        """The checkpoint name, within a decoder layer, of one expert's part (`gate_proj`, `up_proj`, `down_proj`)."""
+        return f"{self.block}.experts.{expert}.{self.parts[part]}"
+
+    def matches(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` is an expert linear's weight."""
+        parts = "|".join(re.escape(p) for p in self.parts.values())
+        return re.search(rf"\.{re.escape(self.block)}\.experts\.\d+\.({parts})\.weight$", name) is not None
 
 
 @dataclass(frozen=True)
@@ -49,9 +79,11 @@ class Arch:
     gguf_requires: dict[str, Any] = field(default_factory=dict)  # config values llama.cpp's architecture assumes
     mlx: bool = False  # mlx-lm's module for this model_type loads the checkpoint as transformers saves it
     gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
+    gptq_experts: Experts | None = None  # a mixture of experts: every expert's linears quantized too
     onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
     onnx_genai: bool = False  # onnxruntime-genai's model builder handles it
-    trtllm: str | None = None  # TensorRT-LLM checkpoint architecture
+    trtllm: str | None = None  # TensorRT-LLM checkpoint architecture (the legacy engine route, `format: tensorrt`)
+    trtllm_torch: bool = False  # TensorRT-LLM's PyTorch backend has a model for it (`format: trtllm`)
     moe: bool = False
     features: tuple[str, ...] = ()  # what sets it apart, for the README matrix
 
@@ -69,6 +101,7 @@ LLAMA = Arch(
     onnx_export=True,
     onnx_genai=True,
     trtllm="LlamaForCausalLM",
+    trtllm_torch=True,
 )
 
 ARCHS: dict[str, Arch] = {
@@ -81,10 +114,17 @@ ARCHS: dict[str, Arch] = {
         onnx_export=True,
         onnx_genai=True,
         trtllm="Qwen2ForCausalLM",
+        trtllm_torch=True,
         features=("qkv bias",),
     ),  # fmt: skip
     "qwen3": Arch(
-        gguf="QWEN3", mlx=True, gptq_linears=DENSE_LINEARS, onnx_export=True, onnx_genai=True, features=("q/k norm",)
+        gguf="QWEN3",
+        mlx=True,
+        gptq_linears=DENSE_LINEARS,
+        onnx_export=True,
+        onnx_genai=True,
+        trtllm_torch=True,
+        features=("q/k norm",),
     ),  # fmt: skip
     "gemma2": Arch(
         gguf="GEMMA2",
@@ -110,6 +150,7 @@ ARCHS: dict[str, Arch] = {
         mlx=True,
         onnx_export=True,
         onnx_genai=True,
+        trtllm_torch=True,
         features=("fused qkv", "fused gate/up"),
     ),
     "olmo2": Arch(gguf="OLMO2", mlx=True, features=("q/k norm", "post-norm")),
@@ -123,6 +164,7 @@ ARCHS: dict[str, Arch] = {
             "onnx_export": False,
             "onnx_genai": False,
             "trtllm": None,
+            "trtllm_torch": False,
             "features": ("no rope on every 4th layer",),
         }
     ),  # fmt: skip
@@ -132,11 +174,23 @@ ARCHS: dict[str, Arch] = {
         # llama.cpp's qwen3moe: every layer sparse, top-k weights renormalised
         gguf_requires={"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1},
         mlx=True,
+        gptq_linears=ATTENTION_LINEARS,
+        gptq_experts=Experts(),
+        trtllm_torch=True,
         moe=True,
         features=("q/k norm",),
     ),
+    # Mixtral's checkpoints (and vLLM's loader) keep the original names: block_sparse_moe, w1 (gate), w3 (up), w2 (down)
     "mixtral": Arch(
-        **{**LLAMA.__dict__, "gptq_linears": (), "onnx_export": False, "onnx_genai": False, "trtllm": None, "moe": True}
+        **{
+            **LLAMA.__dict__,
+            "gptq_linears": ATTENTION_LINEARS,
+            "onnx_export": False,
+            "onnx_genai": False,
+            "trtllm": None,
+            "moe": True,
+            "gptq_experts": Experts(block="block_sparse_moe", gate="w1", up="w3", down="w2"),
+        }
     ),  # fmt: skip
     "granite": Arch(
         gguf="GRANITE",
@@ -173,7 +227,7 @@ def supported(attribute: str) -> list[str]:
 
 
 MATRIX_COLUMNS = {"GGUF": "gguf", "MLX": "mlx", "GPTQ": "gptq", "ONNX standard": "onnx_export",
-                  "ONNX genai": "onnx_genai", "TensorRT-LLM": "trtllm"}  # fmt: skip
+                  "ONNX genai": "onnx_genai", "TensorRT-LLM": "trtllm_torch", "TensorRT engine": "trtllm"}  # fmt: skip
 
 
 def matrix() -> str:

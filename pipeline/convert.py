@@ -41,6 +41,7 @@ from pipeline.artifacts import (
     verify_files,
     write_manifest,
 )
+from pipeline.checkpoint import Checkpoint
 from pipeline.corpus import calibration_samples, load_text
 from pipeline.files import readable_by_all, replace_dir, staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
@@ -48,14 +49,16 @@ from pipeline.handoff import chat_info, write_handoff
 from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe
-from pipeline.reference import eval_chunks, reference
+from pipeline.reference import cache_folder, eval_chunks, reference
 from pipeline.report import write_report
+from pipeline.resources import PROCESS, machine_free, model_size, reference_memory, shortfalls
 from pipeline.source import load_tokenizer, resolve_source
 from pipeline.types import (
     MANIFEST,
     FormatError,
     InputError,
     Manifest,
+    NotEnoughResources,
     SourceError,
     SourceInfo,
     Status,
@@ -78,7 +81,10 @@ def prepare(recipe: Recipe, plan: Plan | None = None) -> SourceInfo:
     source = resolve_source(recipe.source, allow_pickle=recipe.allow_pickle, trust_remote_code=recipe.trust_remote_code)
     log.info("source: %s (%s, %.1fM parameters, %s, %d shard(s)) at %s", source.architecture, source.model_type,
              source.n_params / 1e6, source.dtype, len(source.shards), source.path)  # fmt: skip
-    preflight(recipe, plan or make_plan(recipe), source)
+    plan = plan or make_plan(recipe)
+    preflight(recipe, plan, source)
+    if recipe.check_resources:
+        check_resources(recipe, plan, source)
     for stale in remove_stale(recipe.output_dir()) if recipe.output_dir().exists() else []:
         log.warning("removed %s left by an interrupted run", stale.name)
     return source
@@ -104,6 +110,23 @@ def preflight(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
             calibration_samples(tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
         except ValueError as exc:
             raise InputError(f"calibration.text {calibration.text!r}: {exc}") from None
+
+
+def check_resources(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
+    """NotEnoughResources, before anything runs, when the plan's largest step or its artifacts will not fit here
+    (estimates: pipeline.resources and each format's `needs`)."""
+    size = model_size(Checkpoint(source.path), source.config())
+    needs = {key: fmt.needs(size, recipe.validation, recipe.calibration) for key, fmt in plan.formats.items()}
+    held_out = load_text(recipe.validation.held_out, "held_out")
+    cached = (cache_folder(source, recipe.validation, recipe.dtype, held_out) / "reference.json").is_file()
+    reference_bytes = 0 if cached else reference_memory(size, recipe.validation.context)
+    memory, disk = machine_free(recipe.output_dir())
+    if problems := shortfalls(needs, reference_bytes, memory, disk):
+        raise NotEnoughResources(f"{recipe.name}: {'; '.join(problems)}: run it on a larger machine, convert "
+                                 f"fewer targets per run, or set check_resources: false if the estimate is "
+                                 f"wrong")  # fmt: skip
+    peak = max([reference_bytes, *(b for n in needs.values() for b in n.memory.values())]) + PROCESS
+    log.info("resources: the largest step needs about %.1f GB of the %.1f GB available", peak / 1e9, memory / 1e9)
 
 
 def should_run(step: PlannedStep, current: Manifest | None) -> bool:

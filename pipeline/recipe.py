@@ -66,6 +66,8 @@ class Recipe(Strict):
     hardware_fallback: bool = True
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    # refuse to start when the estimated memory or disk (pipeline.resources) exceeds what the machine has
+    check_resources: bool = True
 
     @field_validator("source", mode="before")
     @classmethod

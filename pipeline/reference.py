@@ -103,16 +103,21 @@ def reference(source: SourceInfo, validation: Validation, dtype: str = "float32"
     """The source model's outputs on the validation text and prompts, run in `dtype` ("auto": as stored); computed
     once per source, text and settings, then read from the cache."""
     held_out = load_text(validation.held_out, "held_out")
-    key = text_sha256(json.dumps({"source": source.fingerprint, "held_out": text_sha256(held_out), "dtype": dtype,
-                                  "validation": validation.model_dump(mode="json", exclude={"budgets"}),
-                                  "top_k": TOP_K, "version": VERSION}, sort_keys=True))  # fmt: skip
-    folder = cache_root() / "references" / key[:24]
+    folder = cache_folder(source, validation, dtype, held_out)
     if not (folder / "reference.json").is_file():
         log.info("reference: running the source model in transformers (%s) on %d held-out tokens", dtype,
                  validation.eval_tokens)  # fmt: skip
         with staging_dir(folder) as tmp:
             _compute(source, validation, dtype, held_out).save(tmp)
     return load(folder, source.path)
+
+
+def cache_folder(source: SourceInfo, validation: Validation, dtype: str, held_out: str) -> Path:
+    """Where the reference for this source, text and settings is cached (`reference.json` in it once computed)."""
+    key = text_sha256(json.dumps({"source": source.fingerprint, "held_out": text_sha256(held_out), "dtype": dtype,
+                                  "validation": validation.model_dump(mode="json", exclude={"budgets"}),
+                                  "top_k": TOP_K, "version": VERSION}, sort_keys=True))  # fmt: skip
+    return cache_root() / "references" / key[:24]
 
 
 def load(folder: Path, source: Path) -> Reference:

@@ -72,6 +72,10 @@ class RecipeError(InputError):
     """A recipe that cannot be used; `str()` is one line per problem, each naming file, line and key."""
 
 
+class NotEnoughResources(OSError):
+    """The machine cannot hold what the plan needs (memory or disk), found before anything runs."""
+
+
 class OutputBusy(RuntimeError):
     """Another run is writing into this output folder."""
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from pipeline.resources import ModelSize, Needs
 from pipeline.types import (
     Calibration,
     FormatError,
@@ -174,6 +175,12 @@ class Format:
         stops = chat_info(manifest, artifact)["stop"]
         return serve_check(artifact / self.server_script, self.server, manifest.smoke or {}, stops,
                            validation.max_new_tokens, log)  # fmt: skip
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """Peak memory per step and disk of this target (`pipeline.resources`). The default: a build streaming a shard
+        and a few layers, a validation holding the model in float32, an artifact as large as the source."""
+        return Needs({Step.BUILD: size.largest_shard + 3 * size.largest_layer, Step.VALIDATE: size.float32},
+                     disk=size.stored)  # fmt: skip
 
     def serving(self, artifact: Path) -> dict[str, Serving]:
         """Per serving stack this format is for, whether its loader takes the artifact (by that loader's rules)."""

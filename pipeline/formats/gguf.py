@@ -43,12 +43,17 @@ from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, 
 from pipeline.formats.gguf_arch import tensor_name as gguf_tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
 from pipeline.quantizers import imatrix as importance
+from pipeline.resources import ModelSize, Needs
 from pipeline.runtimes.llama_cpp import LlamaCppRuntime
-from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
+from pipeline.types import Calibration, FormatError, Manifest, SourceInfo, Step, Validation
 
 # recipe quant -> route. Direct quants name the tensor type of their weight matrices; llama.cpp quants are named
 # after llama.cpp's file types (q4_k_m -> LLAMA_FTYPE_MOSTLY_Q4_K_M).
 DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+# bits a weight of each type, for the estimates of `pipeline.resources` (block scales included, rounded up)
+GGUF_BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q6_k": 6.6, "q5_0": 5.5, "q5_1": 6, "q5_k_s": 5.5,
+             "q5_k_m": 5.7, "q4_0": 4.5, "q4_1": 5, "q4_k_s": 4.6, "q4_k_m": 4.9, "iq4_nl": 4.5, "iq4_xs": 4.3,
+             "q3_k_s": 3.5, "q3_k_m": 3.9, "q3_k_l": 4.3, "q2_k": 3.4}  # fmt: skip
 LLAMA_CPP = ("q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s",
              "q5_k_m", "q6_k", "iq4_nl", "iq4_xs")  # fmt: skip
 IMATRIX_FILE = "imatrix.gguf"
@@ -245,6 +250,15 @@ class GGUF(Format):
         if step in (Step.VALIDATE, Step.SERVE) or self.quant in LLAMA_CPP:
             return missing_modules({"llama_cpp": "llama-cpp-python"}, self.extra)
         return None
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """A streamed build (a tensor at a time, in float32, converted); llama.cpp's quantizer reads a float16 file
+        it maps; validation maps the file and keeps a context's logits."""
+        file = size.at_bits(GGUF_BITS.get(self.quant, 16))
+        logits = 2 * validation.context * size.vocab * 4
+        staged = size.at_bits(16) if self.quant in LLAMA_CPP else 0
+        return Needs({Step.BUILD: 3 * 4 * size.largest_tensor + staged, Step.VALIDATE: file + logits},
+                     disk=file + staged)  # fmt: skip
 
     def check(self, source: SourceInfo) -> None:
         """Unsupported architecture, rope scaling, tensor or tokenizer: refused before anything is written."""

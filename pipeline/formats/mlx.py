@@ -32,8 +32,9 @@ from pipeline.archs import arch
 from pipeline.checkpoint import portable_view
 from pipeline.formats.base import BuildContext, Format, check_group_size, missing_modules, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
+from pipeline.resources import ModelSize, Needs
 from pipeline.runtimes.mlx import MlxRuntime, backend, package_version
-from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
+from pipeline.types import Calibration, FormatError, Manifest, SourceInfo, Step, Validation
 
 FLOATS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 BITS = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
@@ -107,6 +108,13 @@ class MLX(Format):
             "quantization": {k: v for k, v in (quantization or {}).items() if not isinstance(v, dict)} or None,
             "built_with_backend": backend(),
         }
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """mlx-lm's convert loads the whole model as stored and quantizes it; validation on a CPU runs in float32."""
+        stored_bits = 8 * size.stored / max(size.n_params, 1)
+        bits = BITS[self.quant] + 0.5 if self.quant in BITS else 5 if self.quant in MIXED else stored_bits
+        return Needs({Step.BUILD: 2 * size.stored, Step.VALIDATE: size.float32 + size.at_bits(bits)},
+                     disk=size.at_bits(bits))  # fmt: skip
 
     def open_runtime(self, artifact: Path, reference, validation: Validation) -> MlxRuntime:
         return MlxRuntime(artifact)

@@ -28,8 +28,9 @@ from pipeline.checkpoint import portable_view
 from pipeline.formats import onnx_export
 from pipeline.formats.base import BuildContext, Format, missing_modules, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
+from pipeline.resources import ModelSize, Needs
 from pipeline.runtimes.onnxruntime import OnnxRuntime
-from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
+from pipeline.types import Calibration, FormatError, Manifest, SourceInfo, Step, Validation
 
 STANDARD_QUANTS = ("fp32", "fp16")
 
@@ -99,6 +100,15 @@ class ONNX(Format):
             "inputs": decoder["inputs"],
             "builder_log_tail": log[-600:],
         }
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """torch.onnx holds the float32 model and its traced copy (2.7x float32 measured, issue 18); onnxruntime-genai's
+        builder the float32 model and its output; onnxruntime the graph's weights."""
+        bits = {"fp32": 32, "fp16": 16, "int4": 5}[self.quant]
+        build = int(2.7 * size.float32) if self.options.flavour == "standard" or self.quant != "int4" else \
+            int(1.5 * size.float32)  # fmt: skip
+        return Needs({Step.BUILD: build, Step.VALIDATE: size.at_bits(bits) + size.float32 // 4},
+                     disk=size.at_bits(bits))  # fmt: skip
 
     def open_runtime(self, artifact: Path, reference, validation: Validation) -> OnnxRuntime:
         return OnnxRuntime(artifact)

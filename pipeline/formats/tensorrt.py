@@ -43,7 +43,8 @@ from pipeline.archs import arch
 from pipeline.checkpoint import Checkpoint
 from pipeline.formats.base import BuildContext, Format, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
-from pipeline.types import FormatError, Manifest, SourceInfo, Step, Validation
+from pipeline.resources import ModelSize, Needs
+from pipeline.types import Calibration, FormatError, Manifest, SourceInfo, Step, Validation
 
 QUANT_ALGO = {"fp16": None, "bf16": None, "w8a16": "W8A16", "w4a16": "W4A16", "w4a16_gptq": "W4A16_GPTQ"}
 WEIGHT_BITS = {"w8a16": 8, "w4a16": 4, "w4a16_gptq": 4}
@@ -356,6 +357,12 @@ class TensorRT(Format):
             shutil.copy(source.path / file, out_dir / file)
         return {"quant_algo": QUANT_ALGO[self.quant], "tensors": len(tensors), "weight_layout": layout,
                 "gptq_artifact": gptq_name}  # fmt: skip
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """The converter holds the whole checkpoint it writes (rank0.safetensors); validation maps it back into
+        transformers in float32."""
+        written = size.at_bits(16 if self.quant in ("fp16", "bf16") else 8.5)
+        return Needs({Step.BUILD: 2 * written, Step.VALIDATE: size.float32 + written}, disk=written)
 
     def open_runtime(self, artifact: Path, reference, validation: Validation):
         """The prepared checkpoint mapped back into transformers: validated on any machine, against the source."""

@@ -24,7 +24,8 @@ from pipeline.archs import arch
 from pipeline.checkpoint import Checkpoint, portable_config
 from pipeline.formats.base import BuildContext, Format, engine_not_run, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
-from pipeline.types import Manifest, SourceInfo, Status, Step, Validation
+from pipeline.resources import ModelSize, Needs
+from pipeline.types import Calibration, Manifest, SourceInfo, Status, Step, Validation
 
 INSTALL = "pip install 'tensorrt-llm>=1.0' --extra-index-url https://pypi.nvidia.com (on a CUDA machine)"
 MIN_VERSION = (1, 0)
@@ -64,6 +65,10 @@ class TensorRTLLM(Format):
             if (source.path / name).is_file():
                 shutil.copy(source.path / name, out_dir / name)
         return {"dtype": dtype, "backend": "pytorch", "shards": len(source.shards)}
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """A shard at a time, read and converted; validation in transformers in float32."""
+        return Needs({Step.BUILD: 3 * size.largest_shard, Step.VALIDATE: size.float32}, disk=size.at_bits(16))
 
     def open_runtime(self, artifact: Path, reference, validation: Validation):
         import torch
