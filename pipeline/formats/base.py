@@ -167,7 +167,7 @@ class Format:
     # serving
 
     def serve(self, artifact: Path, manifest: Manifest, validation: Validation, log: Path) -> dict[str, Any]:
-        """The SERVE step: the artifact's own server script, run as written, answers the smoke test's prompts as our
+        """The SERVE step: the artifact's own server script, run as written, answers the first smoke prompt as our
         runtime did (`pipeline.serve`). {"status", "server", "cases", "reason"}."""
         from pipeline.handoff import chat_info
         from pipeline.serve import serve_check

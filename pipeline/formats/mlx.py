@@ -148,10 +148,12 @@ class MLX(Format):
 def stored_dtype_replies(artifact: Path, smoke: dict[str, Any], stop_ids: list[int],
                          max_new_tokens: int) -> list[dict[str, str]]:  # fmt: skip
     """mlx-lm's greedy replies to the smoke test's prompts, chat-templated, in the dtype the folder stores."""
+    from pipeline.serve import PROMPTS
+
     runtime = MlxRuntime(artifact, stored_dtype=True)
     try:
         cases = []
-        for case in smoke["generation"]["cases"]:
+        for case in smoke["generation"]["cases"][:PROMPTS]:
             ids = runtime.tokenizer.apply_chat_template([{"role": "user", "content": case["prompt"]}],
                                                         add_generation_prompt=True)  # fmt: skip
             out = runtime.greedy(list(ids), max_new_tokens, set(stop_ids))
