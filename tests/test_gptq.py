@@ -214,7 +214,7 @@ def test_the_layer_stream_holds_one_layer_at_a_time(tiny_model):
 
     stream = LayerStream(inspect_checkpoint(tiny_model("llama")), [list(range(1, 33))] * 2, DENSE_LINEARS)
     for index in range(stream.n_layers):
-        layer, _, groups = stream.collect(index)
+        layer, _, groups, _ = stream.collect(index)
         assert all(p.device.type == "cpu" for p in layer.parameters()) and len(groups) == 4  # qkv, o, gate/up, down
         stream.advance(layer)
         held = [p for layer in stream.model.model.layers for p in layer.parameters() if p.device.type != "meta"]

@@ -12,8 +12,12 @@ The artifact is the GPTQ v1 layout (`pipeline.quantizers.gptq.to_checkpoint`): q
 scales and g_idx per linear; everything else float16; config.json with `quantization_config` and a
 quantize_config.json; the source's tokenizer and chat template; safetensors shards above `shard_size`.
 
-Which architectures: the rows of `pipeline.archs` that list the decoder layer's linears (`gptq_linears`). The
-quantizer itself lives in `pipeline.quantizers` (`gptq` the solver, `layers` the calibration stream).
+Which architectures: the rows of `pipeline.archs` that list the decoder layer's linears (`gptq_linears`), and for
+a mixture of experts where its experts are (`gptq_experts`): every expert is calibrated on the tokens the router
+sends it (all the layer's tokens where that is fewer than `expert_floor`; the build facts' `expert_coverage` says
+per layer), solved on its own and written per expert under the checkpoint's own names (`mlp.experts.3.gate_proj`,
+Mixtral's `block_sparse_moe.experts.3.w1`), as vLLM's and GPTQModel's MoE loaders read them; routers stay float16.
+The quantizer itself lives in `pipeline.quantizers` (`gptq` the solver, `layers` the calibration stream).
 
 Validation does not judge with our own unpacking code: it loads the artifact the way serving stacks do, with
 transformers' `from_pretrained` and GPTQModel's kernels (`torch` on CPU, which computes with the exact weights;
@@ -34,7 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pipeline import handoff
 from pipeline.archs import arch
@@ -62,6 +66,9 @@ class Options(BaseOptions):
     quantizer: Literal["weightsmith", "gptqmodel"] = "weightsmith"
     threads: int | None = None  # torch threads for the solver (default: torch's, all cores; 1 on a loaded machine)
     shard_size: int = 2_000_000_000  # bytes per safetensors shard
+    # mixtures of experts: an expert the router sent fewer calibration tokens than this is calibrated on all of the
+    # layer's tokens instead (0: only those that saw none; see pipeline.quantizers.layers)
+    expert_floor: int = Field(64, ge=0)
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -108,13 +115,16 @@ class GPTQ(Format):
         return None  # validation falls back to a dequantizing check, and says so
 
     def check(self, source: SourceInfo) -> None:
-        linears = arch(source.model_type).gptq_linears
-        refuse_unless(bool(linears), "GPTQ", source.model_type, "gptq",
+        row = arch(source.model_type)
+        refuse_unless(row.gptq, "GPTQ", source.model_type, "gptq",
                       "the layer-wise quantizer does not know its decoder layer's linears")  # fmt: skip
+        if row.gptq_experts:
+            check_experts(source, row.gptq_experts, self.options.quantizer)
         if self.options.group_size != -1:
-            names = tuple(f".{linear}.weight" for linear in linears)
+            names = tuple(f".{linear}.weight" for linear in row.gptq_linears)
+            experts = row.gptq_experts.matches if row.gptq_experts else lambda n: False
             check_group_size(source, self.options.group_size, lambda n: n.startswith("model.layers.") and
-                             n.endswith(names))  # fmt: skip
+                             (n.endswith(names) or experts(n)))  # fmt: skip
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         calibration, spec = ctx.calibration, self.spec
@@ -133,8 +143,12 @@ class GPTQ(Format):
             # bench/gptq.py: on an idle 2-core machine two solver threads are faster than one; on a loaded one a
             # single thread solved 3-8x faster, which is what `threads: 1` is for
             threads = self.options.threads or torch_threads()
-            facts["layers"] = write_quantized(source, spec, samples, out_dir, self.options.shard_size, threads)
+            facts["layers"] = write_quantized(source, spec, samples, out_dir, self.options.shard_size, threads,
+                                              self.options.expert_floor)  # fmt: skip
             facts["solver_threads"] = threads
+            if arch(source.model_type).gptq_experts:
+                facts["expert_floor"] = self.options.expert_floor
+                facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"]]
             write_configs(source, spec, out_dir)
         facts["quantize_s"] = round(time.perf_counter() - start, 2)
         for name in [*source.tokenizer_files, "generation_config.json"]:
@@ -223,52 +237,120 @@ def torch_threads() -> int:
 
 
 def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir: Path, shard_size: int,
-                    threads: int) -> list:  # fmt: skip
+                    threads: int, expert_floor: int = 64) -> list:  # fmt: skip
     """Quantize layer by layer and write the checkpoint; return each layer's per-linear output errors (GPTQ's and
-    round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs). Forward
-    passes use all of torch's threads; the solver uses `threads`."""
+    round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs; experts'
+    as one mean per expert) and, for a mixture of experts, its coverage record. Forward passes use all of torch's
+    threads; the solver uses `threads`."""
     import torch
 
-    from pipeline.quantizers.gptq import gptq, output_errors, rtn, split_rows, to_checkpoint
     from pipeline.quantizers.layers import LayerStream
 
-    stream = LayerStream(source, samples, arch(source.model_type).gptq_linears)
+    row = arch(source.model_type)
+    stream = LayerStream(source, samples, row.gptq_linears, experts=row.gptq_experts, expert_floor=expert_floor)
     writer = ShardWriter(out_dir, shard_size)
     for name, tensor in stream.other_tensors():
         writer.add(name, tensor.to(torch.float16))
     report, started, forward_threads = [], time.perf_counter(), torch.get_num_threads()
     for index in range(stream.n_layers):
         layer_start = time.perf_counter()
-        layer, originals, groups = stream.collect(index)
-        errors = {}
+        layer, originals, groups, experts = stream.collect(index)
+        prefix = f"model.layers.{index}."
         torch.set_num_threads(threads)
-        for members, hessian in groups:  # linears reading one input share its Hessian: one solve for all their rows
-            weights = [originals[f"{name}.weight"] for name, _ in members]
-            solved = gptq(torch.cat(weights), hessian, spec)
-            for (name, module), part in zip(members, split_rows(solved, [w.shape[0] for w in weights])):
-                weight = originals[f"{name}.weight"]
-                found = output_errors(weight, {"gptq": part.dequantized, "rtn": rtn(weight, spec).dequantized},
-                                      hessian, stream.dtype)  # fmt: skip
-                errors[name] = {k: round(v, 6) for k, v in found.items()}
-                module.weight.data = part.dequantized.to(stream.dtype)
-                prefix = f"model.layers.{index}.{name}"
-                for key, value in to_checkpoint(part, spec.bits).items():
-                    writer.add(f"{prefix}.{key}", value)
-                if module.bias is not None:
-                    writer.add(f"{prefix}.bias", originals[f"{name}.bias"].to(torch.float16))
+        errors = quantize_linears(groups, originals, spec, stream.dtype, writer, prefix)
+        entry = {"layer": index, "errors": errors}
+        if experts is not None:
+            entry["expert_errors"] = quantize_experts(experts, row.gptq_experts, originals, spec, stream.dtype,
+                                                      writer, prefix)  # fmt: skip
+            entry["coverage"] = experts.coverage(index)
+            log_coverage(entry["coverage"], stream.n_layers)
         torch.set_num_threads(forward_threads)
         for name, tensor in originals.items():
-            if name.rsplit(".", 1)[0] not in errors:  # norms and other parameters that stay in float
-                writer.add(f"model.layers.{index}.{name}", tensor.to(torch.float16))
+            if name.rsplit(".", 1)[0] not in errors and not (row.gptq_experts and row.gptq_experts.matches(f".{name}")):
+                writer.add(f"{prefix}{name}", tensor.to(torch.float16))  # norms, routers: what stays in float
         stream.advance(layer)
         seconds = time.perf_counter() - layer_start
-        report.append({"layer": index, "seconds": round(seconds, 2), "errors": errors})
+        report.append({"layer": index, "seconds": round(seconds, 2), **entry})
         eta = (time.perf_counter() - started) / (index + 1) * (stream.n_layers - index - 1)
-        mean = np.mean([e["gptq"] for e in errors.values()])
+        mean = np.mean([e["gptq"] for e in errors.values()] + entry.get("expert_errors", {}).get("gptq", []))
         log.info("gptq: layer %d/%d in %.1f s (mean output error %.4f), about %.0f s left", index + 1, stream.n_layers,
                  seconds, mean, eta)  # fmt: skip
     writer.close()
     return report
+
+
+def quantize_linears(groups, originals: dict, spec, dtype, writer: ShardWriter, prefix: str) -> dict[str, dict]:
+    """The dense linears: one solve per group of linears reading one input (their rows stacked, one Hessian); each
+    module's weight becomes its dequantized self, so the next layer's inputs come from the quantized layer."""
+    import torch
+
+    from pipeline.quantizers.gptq import gptq, split_rows
+
+    errors = {}
+    for members, hessian in groups:
+        weights = [originals[f"{name}.weight"] for name, _ in members]
+        solved = gptq(torch.cat(weights), hessian, spec)
+        for (name, module), part in zip(members, split_rows(solved, [w.shape[0] for w in weights])):
+            errors[name] = write_linear(writer, f"{prefix}{name}", originals[f"{name}.weight"], part, hessian, spec,
+                                        dtype)  # fmt: skip
+            module.weight.data = part.dequantized.to(dtype)
+            if module.bias is not None:
+                writer.add(f"{prefix}{name}.bias", originals[f"{name}.bias"].to(torch.float16))
+    return errors
+
+
+def quantize_experts(hessians, experts, originals: dict, spec, dtype, writer: ShardWriter, prefix: str) -> dict:
+    """Every expert its own solves: gate and up on their shared Hessian (rows stacked), down on its own; written
+    per expert under the checkpoint's names (`experts.{e}.gate_proj`, Mixtral's `experts.{e}.w1`), which vLLM's and
+    GPTQModel's MoE loaders read. The dequantized weights go back into transformers' fused tensors for the next
+    layer's inputs. Returns each expert's mean output error over its three linears, GPTQ's and round-to-nearest's."""
+    import torch
+
+    from pipeline.quantizers.gptq import gptq, split_rows
+
+    fused, means = hessians.module, {"gptq": [], "rtn": []}
+    for expert in range(len(hessians.tokens)):
+        gate, up, down = (originals[f"{experts.name(expert, p)}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+        gate_q, up_q = split_rows(gptq(torch.cat([gate, up]), hessians.gate_up[expert], spec), [len(gate), len(up)])
+        down_q = gptq(down, hessians.down[expert], spec)
+        found = [write_linear(writer, f"{prefix}{experts.name(expert, part)}", weight, q, hessian, spec, dtype)
+                 for part, weight, q, hessian in (("gate_proj", gate, gate_q, hessians.gate_up[expert]),
+                                                  ("up_proj", up, up_q, hessians.gate_up[expert]),
+                                                  ("down_proj", down, down_q, hessians.down[expert]))]  # fmt: skip
+        for kind in means:
+            means[kind].append(round(float(np.mean([f[kind] for f in found])), 6))
+        fused.gate_up_proj.data[expert] = torch.cat([gate_q.dequantized, up_q.dequantized]).to(dtype)
+        fused.down_proj.data[expert] = down_q.dequantized.to(dtype)
+    return means
+
+
+def write_linear(writer: ShardWriter, name: str, weight, quantized, hessian, spec, dtype) -> dict[str, float]:
+    """Write one quantized linear (GPTQ v1 tensors under `name`); return its output errors, GPTQ's and RTN's."""
+    from pipeline.quantizers.gptq import output_errors, rtn, to_checkpoint
+
+    for key, value in to_checkpoint(quantized, spec.bits).items():
+        writer.add(f"{name}.{key}", value)
+    found = output_errors(weight, {"gptq": quantized.dequantized, "rtn": rtn(weight, spec).dequantized}, hessian, dtype)
+    return {k: round(v, 6) for k, v in found.items()}
+
+
+def log_coverage(coverage: dict, layers: int) -> None:
+    log.info("gptq: layer %d/%d experts saw %d-%d calibration tokens (median %g)%s", coverage["layer"] + 1, layers,
+             coverage["min_tokens"], coverage["max_tokens"], coverage["median_tokens"],
+             f", topped up to all tokens: {coverage['topped_up']}" if coverage["topped_up"] else "")  # fmt: skip
+
+
+def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
+    """The quantizer reads experts as the original checkpoints store them, one tensor per expert and part."""
+    from pipeline.checkpoint import Checkpoint
+
+    if quantizer == "gptqmodel":
+        raise FormatError("GPTQ: quantizer gptqmodel is not set up for mixture-of-experts models here; the default "
+                          "quantizer (weightsmith) quantizes every expert")  # fmt: skip
+    if not any(experts.matches(name) for name in Checkpoint(source.path).names()):
+        raise FormatError(f"GPTQ: no per-expert tensors ({experts.name(0, 'gate_proj')}.weight ...) in the checkpoint "
+                          f"(experts stored fused?); the quantizer reads experts one tensor per expert and part, as "
+                          f"the original checkpoints and transformers' save_pretrained store them")  # fmt: skip
 
 
 class ShardWriter:
@@ -331,10 +413,15 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
 
     spec = QuantSpec(bits=quantization["bits"], group_size=quantization["group_size"], sym=quantization["sym"])
     model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
+    experts = arch(model.config.model_type).gptq_experts
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, torch.nn.Linear) and ".layers." in name:
                 module.weight.data = rtn(module.weight.data, spec).dequantized
+            elif experts and name.endswith(f".{experts.module}.experts"):  # fused: rows stay rows, one slice per expert
+                for fused in (module.gate_up_proj, module.down_proj):
+                    for expert in range(len(fused)):
+                        fused.data[expert] = rtn(fused.data[expert], spec).dequantized
     return compare(reference, TorchRuntime(model, {"runtime": "transformers (round-to-nearest)"}))
 
 

@@ -8,14 +8,23 @@ SDPA with no mask, i.e. causal, as the full model does for unpadded sequences.
 Forward passes run in `compute_dtype`: bfloat16 where the hardware has fast bf16 matmuls (CUDA, or CPUs with AMX or
 AVX512-BF16, measured 4.6x faster than float32 here), as GPTQ implementations on GPUs run them in half precision;
 Hessians are accumulated in float32, and the solver works on the checkpoint's weights in float32.
+
+Mixtures of experts (an architecture row with `gptq_experts`): the router sends each token to a few experts, so each
+expert is calibrated on the tokens routed to it. A pre-hook on transformers' fused experts module sees the tokens and
+the router's top-k choice; per expert, gate/up's Hessian comes from its tokens and down's from act(gate(x))·up(x) of
+those tokens. An expert that saw fewer than `expert_floor` tokens (few tokens make a Hessian of low rank, which GPTQ
+fits to those tokens at the expense of every other input; none make no Hessian at all) is calibrated on every token
+of the layer instead ("topped up"), and the coverage record says which.
 """
 
 from __future__ import annotations
 
 import re
+import statistics
 
 import torch
 
+from pipeline.archs import Experts
 from pipeline.checkpoint import Checkpoint
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
@@ -50,12 +59,84 @@ def gram(x: torch.Tensor) -> torch.Tensor:
     return total
 
 
+def fuse_experts(state: dict[str, torch.Tensor], experts: Experts) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors (any name prefix) under transformers 5's module names: each layer's per-expert gate and up
+    stacked into `experts.gate_up_proj` (gate rows first), the downs into `experts.down_proj`, and the checkpoint's
+    block renamed to transformers' (Mixtral's `block_sparse_moe.gate` is `mlp.gate`). transformers does the same at
+    `from_pretrained`; the layer stream and the dequantizing runtime build modules from tensors themselves."""
+    parts = {name: part for part, name in experts.parts.items()}
+    pattern = re.compile(rf"^((?:.*\.)?){re.escape(experts.block)}\.experts\.(\d+)\.([^.]+)\.weight$")
+    block = re.compile(rf"^((?:.*?\.)?){re.escape(experts.block)}\.")
+    out: dict[str, torch.Tensor] = {}
+    found: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for name, tensor in state.items():
+        match = pattern.match(name)
+        if match and match[3] in parts:
+            found.setdefault(match[1], {}).setdefault(parts[match[3]], {})[int(match[2])] = tensor
+        else:
+            out[block.sub(rf"\g<1>{experts.module}.", name, count=1)] = tensor
+    for prefix, by_part in found.items():
+        gate, up, down = (by_part[p] for p in ("gate_proj", "up_proj", "down_proj"))
+        fused = f"{prefix}{experts.module}.experts."
+        out[f"{fused}gate_up_proj"] = torch.stack([torch.cat([gate[e], up[e]]) for e in range(len(gate))])
+        out[f"{fused}down_proj"] = torch.stack([down[e] for e in range(len(down))])
+    return out
+
+
+class ExpertHessians:
+    """Per-expert input Hessians of one MoE layer, accumulated over the calibration batches from what the router
+    sent each expert (`add`, called by a pre-hook on transformers' fused experts module), then normalised, with the
+    experts below `floor` tokens recalibrated on every token of the layer (`finish`)."""
+
+    def __init__(self, module: torch.nn.Module, floor: int):
+        self.module, self.floor = module, floor
+        n = module.gate_up_proj.shape[0]
+        self.gate_up: list = [0] * n  # H of gate/up's input (they share it: one solve for both)
+        self.down: list = [0] * n  # H of down's input
+        self.tokens = [0] * n  # tokens routed to each expert
+        self.inputs: list[torch.Tensor] = []  # every token's input to the experts: what a top-up calibrates on
+        self.topped_up: list[int] = []
+
+    def add(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+        self.inputs.append(hidden)
+        for expert in range(len(self.tokens)):
+            x = hidden[(top_k_index == expert).any(dim=-1)]
+            if x.shape[0]:
+                self.gate_up[expert] = self.gate_up[expert] + gram(x)
+                self.down[expert] = self.down[expert] + gram(self.intermediate(x, expert))
+                self.tokens[expert] += x.shape[0]
+
+    def intermediate(self, x: torch.Tensor, expert: int) -> torch.Tensor:
+        """act(gate(x))·up(x): down's input, as transformers' experts compute it (gate rows first in gate_up_proj)."""
+        gate, up = (x @ self.module.gate_up_proj[expert].T).chunk(2, dim=-1)
+        return self.module.act_fn(gate) * up
+
+    def finish(self) -> ExpertHessians:
+        """H = 2XᵀX/n per expert; an expert below the floor (always one that saw no token) gets every token's."""
+        everyone = sum(x.shape[0] for x in self.inputs)
+        for expert, seen in enumerate(self.tokens):
+            if seen < max(self.floor, 1):
+                self.topped_up.append(expert)
+                self.gate_up[expert] = sum(gram(x) for x in self.inputs)
+                self.down[expert] = sum(gram(self.intermediate(x, expert)) for x in self.inputs)
+            n = everyone if expert in self.topped_up else seen
+            self.gate_up[expert], self.down[expert] = 2 * self.gate_up[expert] / n, 2 * self.down[expert] / n
+        self.inputs = []
+        return self
+
+    def coverage(self, layer: int) -> dict:
+        return {"layer": layer, "min_tokens": min(self.tokens), "median_tokens": statistics.median(self.tokens),
+                "max_tokens": max(self.tokens), "topped_up": self.topped_up}  # fmt: skip
+
+
 class LayerStream:
     def __init__(self, source, samples: list[list[int]], linears: tuple[str, ...],
-                 compute_dtype: torch.dtype | None = None):  # fmt: skip
+                 compute_dtype: torch.dtype | None = None, experts: Experts | None = None,
+                 expert_floor: int = 64):  # fmt: skip
         """`samples`: token ids of equal length; `linears`: the layer's linears to collect Hessians for, in
-        quantization order (the architecture row's `gptq_linears`)."""
-        self.order = linears
+        quantization order (the architecture row's `gptq_linears`); `experts`: where a mixture of experts keeps
+        them (the row's `gptq_experts`), each calibrated on its routed tokens, topped up below `expert_floor`."""
+        self.order, self.experts, self.expert_floor = linears, experts, expert_floor
         self.dtype = compute_dtype or fast_dtype()
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,7 +166,7 @@ class LayerStream:
         layer = self.model.model.layers[index].to_empty(device="cpu")
         state = {n[len(prefix) :]: self.checkpoint.tensor(n).float() for n in self.checkpoint.names()
                  if n.startswith(prefix)}  # fmt: skip
-        layer.load_state_dict(state, strict=True)
+        layer.load_state_dict(fuse_experts(state, self.experts) if self.experts else state, strict=True)
         return layer.to(self.dtype).eval(), state
 
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -96,10 +177,16 @@ class LayerStream:
         modules = dict(layer.named_modules())
         return [(name, modules[name]) for name in self.order]
 
+    def experts_module(self, layer: torch.nn.Module) -> torch.nn.Module | None:
+        return layer.get_submodule(f"{self.experts.module}.experts") if self.experts else None
+
     def collect(self, index: int):
         """Layer `index` (compute dtype), its float32 parameters, and its linears grouped by shared input (q/k/v read
-        one tensor, so do gate/up), each group with the Hessian 2XXᵀ/n of that input over the samples, in float32."""
+        one tensor, so do gate/up), each group with the Hessian 2XXᵀ/n of that input over the samples, in float32;
+        and for a mixture of experts, the experts' Hessians (ExpertHessians, else None)."""
         layer, state = self.load(index)
+        fused = self.experts_module(layer)
+        experts = ExpertHessians(fused, self.expert_floor) if fused is not None else None
         linears = dict(self.linears(layer))
         inputs: dict[str, torch.Tensor] = {}
         sums: dict[tuple[str, ...], torch.Tensor] = {}
@@ -111,7 +198,13 @@ class LayerStream:
 
             return record
 
+        def routed(module, args, kwargs):  # transformers' experts: (hidden_states, top_k_index, top_k_weights)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            experts.add(hidden, args[1] if len(args) > 1 else kwargs["top_k_index"])
+
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+        if experts is not None:
+            handles.append(fused.register_forward_pre_hook(routed, with_kwargs=True))
         with torch.inference_mode():
             for hidden in self.hidden:
                 inputs.clear()
@@ -127,7 +220,10 @@ class LayerStream:
             handle.remove()
         inputs.clear()
         groups = [([(n, linears[n]) for n in names], 2 * sums[names] / counts[names]) for names in sums]
-        return layer, state, groups
+        if experts is not None:
+            with torch.inference_mode():
+                experts.finish()
+        return layer, state, groups, experts
 
     def advance(self, layer: torch.nn.Module) -> None:
         """Replace the stored activations by this (quantized) layer's outputs, then let the layer's weights go: the

@@ -1,0 +1,189 @@
+"""GPTQ for mixtures of experts (issue 17): every expert calibrated on its routed tokens (topped up to all tokens
+below the floor), quantized, written per expert under the names vLLM's and GPTQModel's MoE loaders read, and loaded
+back by transformers with GPTQModel's kernels."""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline.archs import arch
+from pipeline.formats.base import Format
+from pipeline.quantizers import gptq as G
+from pipeline.source import inspect_checkpoint
+from pipeline.types import Calibration, FormatError, Target, Validation
+from tests.conftest import TOKENIZER_FILES, build_artifact
+
+CALIBRATION = Calibration(samples=8, seq_len=128)
+VALIDATION = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+EXPERTS = 4  # the tiny MoE checkpoints' (tests/conftest.py)
+STARVED = 2  # the expert the router of the starved checkpoint's first layer almost never picks
+_BUILT: dict = {}
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    def _build(source, quant="int4", **options):
+        key = (str(source), quant, tuple(sorted(options.items())))
+        if key not in _BUILT:
+            out = tmp_path_factory.mktemp(f"gptq-moe-{quant}")
+            _, _, facts = build_artifact(source, ("gptq", quant, {"group_size": 32, **options}), out,
+                                         calibration=CALIBRATION)  # fmt: skip
+            _BUILT[key] = (out, facts)
+        return _BUILT[key]
+
+    return _build
+
+
+def tensors(folder):
+    found = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def dequantized(found, name, bits=4):
+    return G.from_checkpoint({k: found[f"{name}.{k}"] for k in PACKED}, bits)
+
+
+def expert_names(model_type):
+    """Each expert part's checkpoint name in layer 0, in gate, up, down order, as vLLM's loader reads them."""
+    experts = arch(model_type).gptq_experts
+    return [[f"model.layers.0.{experts.name(e, p)}" for p in ("gate_proj", "up_proj", "down_proj")]
+            for e in range(EXPERTS)]  # fmt: skip
+
+
+@pytest.mark.parametrize("model_type, block, parts", [("qwen3_moe", "mlp", ("gate_proj", "up_proj", "down_proj")),
+                                                      ("mixtral", "block_sparse_moe", ("w1", "w3", "w2"))])  # fmt: skip
+def test_every_expert_is_quantized_under_the_names_serving_loaders_read(build, tiny_model, model_type, block, parts):
+    folder, facts = build(tiny_model(model_type))
+    found = tensors(folder)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.{block}"
+        experts = {n for n in found if n.startswith(f"{prefix}.experts.")}
+        assert experts == {f"{prefix}.experts.{e}.{p}.{k}" for e in range(EXPERTS) for p in parts for k in PACKED}
+        assert found[f"{prefix}.gate.weight"].dtype == torch.float16  # the router stays in float
+        assert f"model.layers.{layer}.self_attn.q_proj.qweight" in found
+    assert not [n for n in found if "gate_up_proj" in n or n.endswith(tuple(f"{p}.weight" for p in parts))]
+    assert [c["layer"] for c in facts["expert_coverage"]] == [0, 1] and facts["expert_floor"] == 64
+    for coverage in facts["expert_coverage"]:
+        assert set(coverage) == {"layer", "min_tokens", "median_tokens", "max_tokens", "topped_up"}
+        assert 0 < coverage["min_tokens"] <= coverage["median_tokens"] <= coverage["max_tokens"]
+    for layer in facts["layers"]:  # each expert's output error, GPTQ's below round-to-nearest's
+        assert "coverage" not in layer and len(layer["expert_errors"]["gptq"]) == EXPERTS
+        assert all(g < r for g, r in zip(layer["expert_errors"]["gptq"], layer["expert_errors"]["rtn"]))
+
+
+@pytest.mark.parametrize("model_type, quant", [("qwen3_moe", "int4"), ("mixtral", "int4"), ("qwen3_moe", "int8")])
+def test_transformers_and_gptqmodel_load_and_validate_it(build, tiny_model, model_type, quant):
+    from pipeline.formats.gptq import rtn_quality
+    from pipeline.reference import reference
+
+    folder, _ = build(tiny_model(model_type), quant)
+    source = inspect_checkpoint(tiny_model(model_type))
+    fmt = Format.for_target(Target(format="gptq", quant=quant, options={"group_size": 32}))
+    ref = reference(source, VALIDATION)
+    result = fmt.validate(folder, ref, VALIDATION)
+    validated_by = result["smoke"]["validated_by"]
+    assert result["failures"] == [] and "gptqmodel" in validated_by and "defuser" in validated_by, result
+    if model_type == "mixtral":
+        assert "w1 loaded as gate_proj" in validated_by and "w2 loaded as down_proj" in validated_by
+    quality = result["quality"]
+    assert math.isfinite(quality["ppl_ratio"]) and quality["ppl_ratio"] < (1.5 if quant == "int4" else 1.05)
+    if quant == "int4":  # perplexity of these random tiny models is near uniform; KL says more: below RTN's
+        config = {"bits": 4, "group_size": 32, "sym": True}
+        assert quality["kl_mean"] < rtn_quality(ref, config)["kl_mean"]
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_dequantized_experts_are_re_fused_gate_first_and_lie_within_the_grid(build, tiny_model, model_type):
+    """The dequantizing runtime puts each expert's gate and up back into transformers' fused gate_up_proj (gate
+    rows first) and its down into down_proj; the weights sit within a few grid steps of the float ones; and the
+    transformers + GPTQModel load computes the same logits."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from pipeline.runtimes.transformers import _dequantized_runtime, open_gptq
+
+    folder, _ = build(tiny_model(model_type))
+    found, source = tensors(folder), load_file(tiny_model(model_type) / "model.safetensors")
+    ours = _dequantized_runtime(folder)
+    fused = ours.model.model.layers[0].mlp.experts
+    for expert, (gate, up, down) in enumerate(expert_names(model_type)):
+        assert torch.equal(fused.gate_up_proj[expert], torch.cat([dequantized(found, gate), dequantized(found, up)]))
+        assert torch.equal(fused.down_proj[expert], dequantized(found, down))
+        for name in (gate, up, down):
+            scale = found[f"{name}.scales"].float()[found[f"{name}.g_idx"].long()].T
+            steps = (dequantized(found, name) - source[f"{name}.weight"]).abs() / scale
+            assert steps.mean() < 0.5 and steps.max() < 4, (name, steps.mean(), steps.max())
+    ids = list(range(100, 140))
+    loaded = open_gptq(folder)
+    a, b = torch.tensor(loaded.logits(ids)), torch.tensor(ours.logits(ids))
+    assert torch.nn.functional.cosine_similarity(a, b, dim=-1).min() > 0.9999
+    plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny_model(model_type)))
+    assert hasattr(plain.model.layers[0].mlp.experts, "gate_up_proj")  # the per-expert load left transformers as it was
+
+
+@pytest.fixture(scope="module")
+def starved(tiny_model, tmp_path_factory):
+    """The tiny qwen3_moe with layer 0's router row of expert STARVED pointed against the mean of the calibration
+    tokens' router inputs: the router then picks it only for the few tokens on the other side."""
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.corpus import calibration_samples, load_text
+    from pipeline.source import load_tokenizer
+
+    source = tiny_model("qwen3_moe")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    samples = calibration_samples(load_tokenizer(source, False), load_text(CALIBRATION.text, "calibration"),
+                                  CALIBRATION.samples, CALIBRATION.seq_len, CALIBRATION.seed)  # fmt: skip
+    seen = []
+    hook = model.model.layers[0].mlp.experts.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(torch.tensor(samples))
+        hook.remove()
+        x = torch.cat(seen)
+        mean = x.mean(dim=0)
+        model.model.layers[0].mlp.gate.weight[STARVED] = -20 * mean / mean.norm()
+    folder = tmp_path_factory.mktemp("starved")
+    model.save_pretrained(folder)  # transformers 5 writes the experts back one tensor per expert
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    return folder, 2 * x.T @ x / len(x)  # gate/up's Hessian over every token of layer 0
+
+
+def test_a_starved_expert_is_topped_up_and_quantized_as_well_as_the_others(build, starved, tiny_model):
+    folder, every_token = starved
+    topped, topped_facts = build(folder)
+    alone, alone_facts = build(folder, expert_floor=0)
+    coverage = topped_facts["expert_coverage"][0]
+    assert 0 < coverage["min_tokens"] < 64 and coverage["topped_up"] == [STARVED], coverage
+    assert alone_facts["expert_coverage"][0]["topped_up"] == [] and alone_facts["expert_coverage"][0]["min_tokens"] == (
+        coverage["min_tokens"])  # fmt: skip
+    source = load_file(folder / "model.safetensors")
+
+    def errors(artifact):  # gate and up's relative output error on every token of the layer, per expert
+        found = tensors(artifact)
+        return [max(G.output_error(source[f"{n}.weight"], dequantized(found, n), every_token) for n in names[:2])
+                for names in expert_names("qwen3_moe")]  # fmt: skip
+
+    with_top_up, without = errors(topped), errors(alone)
+    others = [e for i, e in enumerate(with_top_up) if i != STARVED]
+    rtn = max(G.output_error(source[f"{n}.weight"], G.rtn(source[f"{n}.weight"], G.QuantSpec(4, 32)).dequantized,
+                             every_token) for n in expert_names("qwen3_moe")[STARVED][:2])  # fmt: skip
+    assert with_top_up[STARVED] < 1.5 * max(others) and with_top_up[STARVED] < rtn, (with_top_up, rtn)
+    # calibrated on its few tokens alone, GPTQ fits those and misses the rest: worse than round-to-nearest
+    assert without[STARVED] > 2 * with_top_up[STARVED] and without[STARVED] > rtn, (without, with_top_up, rtn)
+
+
+def test_moe_rows_and_refusals(tiny_model):
+    assert arch("qwen3_moe").gptq and arch("mixtral").gptq_experts.parts["gate_proj"] == "w1"
+    source = inspect_checkpoint(tiny_model("mixtral"))
+    target = Target(format="gptq", quant="int4", options={"group_size": 32, "quantizer": "gptqmodel"})
+    with pytest.raises(FormatError, match="quantizer gptqmodel is not set up for mixture-of-experts"):
+        Format.for_target(target).check(source)
