@@ -27,7 +27,7 @@ def convert(recipe_path) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=1200,
+        timeout=2400,  # about 17 minutes on an idle 2-core machine
     )
 
 

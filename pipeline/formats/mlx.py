@@ -39,6 +39,7 @@ from pipeline.types import Calibration, FormatError, Manifest, SourceInfo, Step,
 FLOATS = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 BITS = {"q2": 2, "q3": 3, "q4": 4, "q5": 5, "q6": 6, "q8": 8}
 MIXED = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")  # mlx-lm's own recipes
+SERVE_TOKENS = 12  # the serve check's reply length: MLX's CPU backend runs bf16 at about a second a token
 CPU_EVAL_TOKENS = 512  # MLX's CPU backend ran this project's models at ~90 ms a token: one context, not all
 
 
@@ -128,9 +129,10 @@ class MLX(Format):
         from pipeline.serve import serve_check
 
         chat = handoff.chat_info(manifest, artifact)
-        expected = stored_dtype_replies(artifact, manifest.smoke or {}, chat["stop_ids"], validation.max_new_tokens)
+        tokens = min(validation.max_new_tokens, SERVE_TOKENS)
+        expected = stored_dtype_replies(artifact, manifest.smoke or {}, chat["stop_ids"], tokens)
         outcome = serve_check(artifact / self.server_script, self.server, {"generation": {"cases": expected}},
-                              chat["stop"], validation.max_new_tokens, log)  # fmt: skip
+                              chat["stop"], tokens, log)  # fmt: skip
         return {**outcome, "compared_with": "mlx-lm in the stored dtype, as the server computes"}
 
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
