@@ -35,6 +35,8 @@ class ModelSize:
     largest_layer: int  # bytes of the largest decoder layer as stored
     hidden: int
     vocab: int
+    experts: int = 0  # routed experts per MoE layer (0: dense)
+    expert_inter: int = 0  # an expert's intermediate size
 
     @property
     def float32(self) -> int:
@@ -68,7 +70,15 @@ def model_size(checkpoint, config: dict) -> ModelSize:
     return ModelSize(n_params=sum(checkpoint.numel(n) for n in checkpoint.names()), stored=sum(shards.values()),
                      largest_shard=max(shards.values(), default=0), largest_tensor=largest,
                      largest_layer=max(layers.values(), default=0), hidden=int(text.get("hidden_size") or 0),
-                     vocab=int(text.get("vocab_size") or 0))  # fmt: skip
+                     vocab=int(text.get("vocab_size") or 0), experts=_first(text, EXPERTS),
+                     expert_inter=_first(text, ("moe_intermediate_size", "intermediate_size")))  # fmt: skip
+
+
+EXPERTS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _first(config: dict, keys: tuple[str, ...]) -> int:
+    return next((int(config[k]) for k in keys if config.get(k)), 0)
 
 
 def reference_memory(size: ModelSize, context: int) -> int:

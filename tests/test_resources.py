@@ -62,3 +62,16 @@ def test_check_resources_false_lets_the_run_go(tiny_llama, tmp_path, monkeypatch
     path = write_recipe(tmp_path, tiny_llama, [("gguf", "f16")])
     recipe = load_recipe(path).model_copy(update={"check_resources": False})
     assert steps.prepare(recipe).model_type == "llama"  # resolved and checked, not refused
+
+
+def test_a_mixture_of_experts_counts_every_experts_hessians_in_gptq(tiny_model):
+    from pipeline.source import inspect_checkpoint
+
+    source = inspect_checkpoint(tiny_model("qwen3_moe"))
+    size = model_size(Checkpoint(source.path), source.config())
+    assert (size.experts, size.expert_inter) == (4, 64)
+    fmt = Format.for_target(Target(format="gptq", quant="int4"))
+    dense = fmt.needs(size.__class__(**{**size.__dict__, "experts": 0}), Validation(), Calibration())
+    moe = fmt.needs(size, Validation(), Calibration())
+    hessians = 4 * (size.hidden**2 + 64**2) * 4
+    assert moe.memory[Step.BUILD] - dense.memory[Step.BUILD] >= hessians

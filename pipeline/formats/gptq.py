@@ -45,8 +45,9 @@ from pipeline.archs import arch
 from pipeline.corpus import calibration_samples, load_text, samples_digest
 from pipeline.formats.base import BuildContext, Format, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
+from pipeline.resources import ModelSize, Needs
 from pipeline.source import load_tokenizer
-from pipeline.types import FormatError, Manifest, Serving, SourceInfo, Step, Validation
+from pipeline.types import Calibration, FormatError, Manifest, Serving, SourceInfo, Step, Validation
 
 # vLLM 0.32's GPTQ loader (`--quantization gptq`, measured: ../shared/FINDINGS.md): what it takes of each config key
 VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
@@ -155,6 +156,17 @@ class GPTQ(Format):
             if (source.path / name).is_file():
                 shutil.copy(source.path / name, out_dir / name)
         return facts
+
+    def needs(self, size: ModelSize, validation: Validation, calibration: Calibration) -> Needs:
+        """A layer at a time in float32 with the calibration activations (a second copy for experts' top-ups) and, for
+        a mixture of experts, every expert's Hessians; validation holds the quantized model and, for
+        round-to-nearest's floor, the source in float32."""
+        weight_bits = bits(self.quant) + 0.5
+        activations = 4 * calibration.samples * calibration.seq_len * size.hidden * 4
+        experts = size.experts * (size.hidden**2 + size.expert_inter**2) * 4 + activations if size.experts else 0
+        build = 3 * size.largest_layer * 2 + activations + experts + size.vocab * size.hidden * 4
+        return Needs({Step.BUILD: build, Step.VALIDATE: size.float32 + size.at_bits(weight_bits)},
+                     disk=size.at_bits(weight_bits))  # fmt: skip
 
     def open_runtime(self, artifact: Path, reference, validation: Validation):
         from pipeline.runtimes.transformers import open_gptq
