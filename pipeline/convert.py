@@ -319,6 +319,11 @@ def serve(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest,
         log.info("%s: serve check in %s", fmt.target.key, fmt.server)
         log_file = console.log_folder() / f"serve-{fmt.target.folder}-{time.strftime('%Y%m%d-%H%M%S')}.log"
         outcome = fmt.serve(folder, current, recipe.validation, log_file)
+    return record_serve(fmt, folder, current, outcome)
+
+
+def record_serve(fmt: Format, folder: Path, current: Manifest, outcome: dict[str, Any]) -> Manifest:
+    """A serve check's outcome in the candidate's manifest: the target fails with it, otherwise keeps its status."""
     failed = outcome["status"] == Status.FAILED
     updates = {"serve": outcome, "steps": {**current.steps, Step.SERVE: outcome["status"]},
                "status": Status.FAILED if failed else current.status,
@@ -338,6 +343,9 @@ def not_run_elsewhere(recipe: Recipe, source: SourceInfo, fmt: Format, step: Ste
         if status == Status.FAILED:
             outcome["build"] = {"status": Status.FAILED, "reason": f"{code}: {detail}"}
         return record_engine(recipe, fmt, folder, current, outcome)
+    if step == Step.SERVE and current is not None:
+        outcome = {"status": status, "server": fmt.server, "reason": f"{code}: {detail}"}
+        return record_serve(fmt, folder, current, outcome)
     if step == Step.BUILD or current is None:
         manifest = base_manifest(recipe, source, fmt.target, inputs_hash)
         return _outcome(manifest.with_step(Step.BUILD, status, f"build: {code}: {detail}"))

@@ -232,12 +232,14 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     assert mlx["status"] == "ok", mlx["reason"]
     assert "apple" in mlx["built_on"]["kinds"] and "apple" in mlx["validated_on"]["kinds"]
     assert mlx["smoke"]["runtime"]["backend"] == "cpu"  # what MLX really ran on
+    assert mlx["steps"]["serve"] == "ok" and mlx["serve"]["server"] == "mlx_lm.server"
     runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10).json()
     handed = {(r["parameters"].get("target"), r["parameters"].get("step")): (r["work_pool_name"], r["state_type"])
               for r in runs if "step" in r["parameters"]}  # fmt: skip
     assert handed == {
         ("mlx/q8", "build"): ("apple", "COMPLETED"),
         ("mlx/q8", "validate"): ("apple", "COMPLETED"),
+        ("mlx/q8", "serve"): ("apple", "COMPLETED"),  # mlx_lm.server runs where the MLX validation ran
         ("tensorrt/fp16", "engine"): ("cuda", "CANCELLED"),  # the step/cuda run nobody picked up
     }
 
