@@ -250,3 +250,23 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
         "convert-smollm2-135m"]  # fmt: skip
     assert [(r["target"], r["status"]) for r in rows] == [("gguf/f16", "ok")]
     assert "convert-qwen2-5-0-5b-instruct" in tables
+
+    # batch under a deployment: each recipe submitted as its own flow run of convert/recipe, waited for together
+    recipes = tmp_path / "batch"
+    recipes.mkdir()
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        data = yaml.safe_load(write_recipe(tmp_path / name, tiny_model("llama"), [("gguf", "f16")]).read_text())
+        data["name"] = f"batch-{name}"
+        (recipes / f"{name}.yaml").write_text(yaml.safe_dump(data))
+    run = run_deployment(env, "batch/nightly", folder=str(recipes))
+    assert run.returncode == 0 and "COMPLETED" in run.stdout.upper(), run.stdout + run.stderr
+    runs = httpx.post(f"{env['PREFECT_API_URL']}/flow_runs/filter", json={}, timeout=10).json()
+    deployments = {d["id"]: d["name"] for d in httpx.post(f"{env['PREFECT_API_URL']}/deployments/filter", json={},
+                                                          timeout=10).json()}  # fmt: skip
+    submitted = [r for r in runs if deployments.get(r["deployment_id"]) == "recipe"]
+    assert sorted(Path(r["parameters"]["recipe_path"]).name for r in submitted) == ["one.yaml", "two.yaml"]
+    assert all(r["state_type"] == "COMPLETED" for r in submitted)
+    for name in ("one", "two"):
+        manifest = tmp_path / name / "artifacts" / f"batch-{name}" / "gguf-f16" / "manifest.json"
+        assert json.loads(manifest.read_text())["status"] == "ok"
