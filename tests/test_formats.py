@@ -25,7 +25,7 @@ def foreign(tiny_llama, tmp_path_factory):
 
 
 def test_the_registry_holds_every_format_module():
-    assert set(FORMATS) == {"gguf", "gptq", "mlx", "onnx", "tensorrt", "trtllm"}
+    assert set(FORMATS) == {"compressed", "gguf", "gptq", "mlx", "onnx", "tensorrt", "trtllm"}
     with pytest.raises(TypeError, match="two formats named 'gguf'"):
         type("Again", (Format,), {"name": "gguf"})
 
