@@ -23,6 +23,7 @@ CALIBRATION = Calibration(samples=8, seq_len=128)
 GPTQ_OPTIONS = {
     "static": {"group_size": 32, "desc_act": True, "static_groups": True},  # act-order, g_idx in input order
     "scattered": {"group_size": 32, "desc_act": True},  # act-order groups scattered: desc_act true
+    "channel": {"group_size": -1, "desc_act": True},  # one group per row: act-order leaves g_idx trivial
 }
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
            "mlp.up_proj", "mlp.down_proj")  # fmt: skip
@@ -37,7 +38,7 @@ _BUILT: dict = {}
 
 @pytest.fixture(scope="module")
 def gptq(tiny_llama, tmp_path_factory):
-    """gptq(kind) -> a GPTQ int4 artifact of the tiny llama (kind: static, scattered, int8)."""
+    """gptq(kind) -> a GPTQ int4 artifact of the tiny llama (kind: static, scattered, channel, int8)."""
 
     def get(kind: str = "static"):
         if kind not in _GPTQ:
@@ -347,3 +348,35 @@ def test_a_recipe_run_publishes_w4a16_from_its_gptq_target(tiny_llama, tmp_path)
     assert "compressed-tensors" in manifest["smoke"]["validated_by"]
     gptq_quality = json.loads((recipe.output_dir() / "gptq-int4" / "manifest.json").read_text())["quality"]
     assert manifest["quality"]["ppl_ratio"] == pytest.approx(gptq_quality["ppl_ratio"], rel=1e-4)
+
+
+@pytest.mark.parametrize("model", ["qwen2", "qwen3"])
+def test_other_architectures_keep_biases_norms_and_tied_embeddings(tiny_model, tmp_path, model):
+    """qwen2: q/k/v biases and tied embeddings; qwen3: q/k norms. They stay 16-bit and load where they belong."""
+    _, _, facts = build_artifact(tiny_model(model), ("compressed", "w8a8"), tmp_path)
+    tensors, source = tensors_of(tmp_path), tensors_of(tiny_model(model))
+    assert facts["quantized_linears"] == 2 * len(LINEARS) and "lm_head.weight" not in tensors
+    runtime = ct.open_compressed(tmp_path)
+    for name, weight in decompress(runtime).items():
+        assert torch.equal(weight, tensors[f"{name}.weight"].float() * tensors[f"{name}.weight_scale"]), name
+    params = dict(runtime.model.named_parameters())
+    extra = [n for n in source if n.endswith(".bias") or "q_norm" in n or "k_norm" in n]
+    assert extra and all(torch.equal(params[n], source[n].to(torch.bfloat16).float()) for n in extra)
+    assert runtime.model.lm_head.weight.data_ptr() == runtime.model.model.embed_tokens.weight.data_ptr()
+
+
+def test_w4a16_per_channel_from_a_gptq_artifact_without_groups(tiny_llama, gptq, tmp_path):
+    from compressed_tensors.quantization import QuantizationConfig
+
+    build_artifact(
+        tiny_llama, ("compressed", "w4a16", {"group_size": -1}), tmp_path, inputs={"gptq/int4": gptq("channel")}
+    )
+    config = QuantizationConfig.model_validate(
+        json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    )
+    weights = config.config_groups["group_0"].weights
+    assert (weights.strategy, weights.group_size, weights.num_bits) == ("channel", None, 4)
+    assert tensors_of(tmp_path)["model.layers.0.mlp.down_proj.weight_scale"].shape == (64, 1)
+    packed = tensors_of(gptq("channel"))
+    for name, weight in decompress(ct.open_compressed(tmp_path)).items():
+        assert torch.equal(weight, from_checkpoint({k: packed[f"{name}.{k}"] for k in ct.GPTQ_TENSORS}, 4)), name
