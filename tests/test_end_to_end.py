@@ -17,6 +17,7 @@ RUNTIMES = {
     "onnx": "onnxruntime",
     "gptq": "transformers",
     "tensorrt": "transformers",
+    "compressed": "transformers",
 }
 EXPECTED = {"tensorrt": "not_run"}  # the checkpoint is validated; the engine needs a CUDA worker
 
@@ -95,6 +96,10 @@ def test_bundled_smollm2_recipe_through_prefect(smollm2_dir, tmp_path):
     assert manifests["tensorrt/w4a16_gptq"]["quality"]["ppl_ratio"] == pytest.approx(
         manifests["gptq/int4"]["quality"]["ppl_ratio"], abs=0.01
     )  # the GPTQ weights, carried over unchanged
+    assert manifests["compressed/w4a16"]["quality"]["ppl_ratio"] == pytest.approx(
+        manifests["gptq/int4"]["quality"]["ppl_ratio"], abs=1e-3
+    )  # the same levels and scales in compressed-tensors' pack-quantized layout
+    assert "compressed-tensors" in manifests["compressed/fp8"]["smoke"]["validated_by"]
     assert "report: " in run.stdout and "log: " in run.stdout and "Traceback" not in run.stderr + run.stdout
 
 
