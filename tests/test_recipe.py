@@ -66,7 +66,8 @@ def test_unknown_keys_name_the_key_its_line_and_what_is_allowed(tmp_path):
     )
     assert lines == [
         f"{tmp_path / 'recipe.yaml'}:3: targetz: unknown key 'targetz' (allowed here: name, source, dtype, targets, "
-        "calibration, validation, output, dispatch_timeout_s, hardware_fallback, allow_pickle, trust_remote_code)",
+        "calibration, validation, output, dispatch_timeout_s, hardware_fallback, allow_pickle, trust_remote_code, "
+        "check_resources)",
         f"{tmp_path / 'recipe.yaml'}:7: targets[0].opts: unknown key 'opts' "
         "(allowed here: format, quant, name, options)",
     ]
@@ -92,7 +93,8 @@ def test_bad_values_point_at_their_line(tmp_path):
     assert ":5: targets[0].quant: gguf has no quant 'q9' (supported: f32, f16, bf16, q8_0, q4_0, q4_1," in lines[0]
     assert lines[0].endswith(", q6_k, iq4_nl, iq4_xs)")
     assert lines[1].endswith(
-        ":6: targets[1].format: unknown format 'tensorflow' (supported: gguf, gptq, mlx, onnx, tensorrt)"
+        ":6: targets[1].format: unknown format 'tensorflow' (supported: compressed, gguf, gptq, mlx, onnx, tensorrt, "
+        "trtllm)"
     )
     assert lines[2].endswith(":9: validation.eval_tokens: Input should be greater than or equal to 32 (got 10)")
     assert lines[3].endswith(

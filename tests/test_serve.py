@@ -58,7 +58,8 @@ def test_a_server_that_does_not_start_fails_the_check_naming_why(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "problem"), [("Paris.", None), (" Paris. ", None), ("Lyon.", "our runtime"),
-                                               ("Paris.<|im_end|>", "stop text")])  # fmt: skip
+                                               ("Paris.<|im_end|>", "stop text"), ("Par\ufffdis.", None),
+                                               ("Lyon\ufffd", "our runtime")])  # fmt: skip
 def test_a_reply_must_be_ours_and_end_at_the_stop(text, problem):
     found = judge_reply({"prompt": "Capital?", "expected": "Paris.", "text": text}, ["<|im_end|>"], 8)
     assert found == [] if problem is None else any(problem in f for f in found)
