@@ -1,5 +1,5 @@
-"""Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint, checked before it is trusted; and the
-config keys other readers need.
+"""Tensor-by-tensor access to a (possibly sharded) safetensors checkpoint, checked before it is trusted; the config
+keys other readers need; and `ShardWriter`, which the formats that write safetensors checkpoints share.
 
 Tensors are read with plain positioned reads rather than through a memory map: a mapped file's pages stay in the
 process's resident set once touched, so streaming a whole model through an mmap grows RSS to the model's size.
@@ -220,3 +220,44 @@ def portable_view(source: Path, shadow: Path) -> Path:
     config = portable_config(json.loads((source / "config.json").read_text(encoding="utf-8")))
     (shadow / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     return shadow
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most `max_bytes` (a tensor larger than that gets its own), and
+    the index transformers reads when there is more than one."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
+        save_file(self.pending, path, metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending:
+            self._flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].rename(self.folder / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (path, names) in enumerate(self.shards):
+            final = self.folder / f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.rename(final)
+            total += final.stat().st_size
+            weight_map.update(dict.fromkeys(names, final.name))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")

@@ -221,8 +221,7 @@ def write_rtn(source: SourceInfo, quant: str, out_dir: Path, shard_size: int, pr
     library's qparams and compressor, the rest in the artifact's 16-bit dtype."""
     import torch
 
-    from pipeline.checkpoint import Checkpoint
-    from pipeline.formats.gptq import ShardWriter
+    from pipeline.checkpoint import Checkpoint, ShardWriter
 
     chosen, dtype = scheme(quant), artifact_dtype(source)
     checkpoint, writer = Checkpoint(source.path), ShardWriter(out_dir, shard_size)
@@ -283,8 +282,7 @@ def gptq_refusal(config: dict[str, Any], group_size: int | None) -> str | None:
 
 def write_from_gptq(gptq: dict[str, Any], out_dir: Path, shard_size: int, progress=None) -> dict[str, Any]:
     """w4a16: the GPTQ artifact's tensors one linear at a time; float tensors as stored (float16)."""
-    from pipeline.checkpoint import Checkpoint
-    from pipeline.formats.gptq import ShardWriter
+    from pipeline.checkpoint import Checkpoint, ShardWriter
 
     chosen = scheme("w4a16", gptq["config"]["group_size"])
     checkpoint, writer = Checkpoint(gptq["path"]), ShardWriter(out_dir, shard_size)

@@ -42,6 +42,7 @@ from pydantic import Field, field_validator
 
 from pipeline import handoff
 from pipeline.archs import arch
+from pipeline.checkpoint import ShardWriter
 from pipeline.corpus import calibration_samples, load_text, samples_digest
 from pipeline.formats.base import BuildContext, Format, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
@@ -363,47 +364,6 @@ def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
         raise FormatError(f"GPTQ: no per-expert tensors ({experts.name(0, 'gate_proj')}.weight ...) in the checkpoint "
                           f"(experts stored fused?); the quantizer reads experts one tensor per expert and part, as "
                           f"the original checkpoints and transformers' save_pretrained store them")  # fmt: skip
-
-
-class ShardWriter:
-    """Writes tensors into safetensors shards of at most `max_bytes` (a tensor larger than that gets its own), and
-    the index transformers reads when there is more than one."""
-
-    def __init__(self, folder: Path, max_bytes: int):
-        self.folder, self.max_bytes = folder, max_bytes
-        self.pending: dict = {}
-        self.pending_bytes = 0
-        self.shards: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_bytes:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.folder / f".shard-{len(self.shards):05d}.safetensors"
-        save_file(self.pending, path, metadata={"format": "pt"})
-        self.shards.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def close(self) -> None:
-        if self.pending:
-            self._flush()
-        if len(self.shards) == 1:
-            self.shards[0][0].rename(self.folder / "model.safetensors")
-            return
-        weight_map, total = {}, 0
-        for i, (path, names) in enumerate(self.shards):
-            final = self.folder / f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
-            path.rename(final)
-            total += final.stat().st_size
-            weight_map.update(dict.fromkeys(names, final.name))
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
 
 
 def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:
