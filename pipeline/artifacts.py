@@ -28,6 +28,12 @@ def candidate_dir(final: Path) -> Path:
     return final.parent / f".{final.name}.candidate"
 
 
+def work_dir(final: Path) -> Path:
+    """Where a build of the target published at `final` keeps finished work across runs (GPTQ's finished layers), so
+    a killed run resumes; not a staging folder: `remove_stale` leaves it."""
+    return final.parent / f".{final.name}.layers"
+
+
 def remove_stale(model_dir: Path) -> list[Path]:
     """Delete staging folders left by killed runs (`.X.partial-*`, `.X.old-*`); return what was removed."""
     stale = [p for p in model_dir.glob(".*") if p.is_dir() and (".partial-" in p.name or ".old-" in p.name

@@ -39,6 +39,7 @@ from pipeline.artifacts import (
     remove_stale,
     summary_rows,
     verify_files,
+    work_dir,
     write_manifest,
 )
 from pipeline.checkpoint import Checkpoint
@@ -230,7 +231,7 @@ def build(recipe: Recipe, source: SourceInfo, fmt: Format, current: Manifest | N
         return _outcome(manifest.with_step(Step.BUILD, Status.REFUSED, f"{target.format} refused: {exc}"))
     start = time.perf_counter()
     context = BuildContext(name=recipe.name, calibration=recipe.calibration, progress=console.progress(target.key),
-                           inputs={k: published(recipe, k) for k in inputs})  # fmt: skip
+                           inputs={k: published(recipe, k) for k in inputs}, work=work_dir(final))  # fmt: skip
     log.info("%s: building", target.key)
     try:
         with staging_dir(candidate_dir(final)) as tmp:

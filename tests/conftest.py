@@ -138,6 +138,7 @@ TINY_MODELS = {
     "qwen3_moe": ("qwen3_moe", {}),
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
+    "llama-4-layers": ("llama", {"num_hidden_layers": 4}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),

@@ -47,12 +47,15 @@ class Options(BaseModel):
 @dataclass(frozen=True)
 class BuildContext:
     """What a build gets besides the source: the recipe's name (file names), calibration settings, the artifact
-    folders of the targets it is made from (by target key, see `Format.depends_on`) and a progress callback."""
+    folders of the targets it is made from (by target key, see `Format.depends_on`), a progress callback, and a
+    folder kept across runs of this target where a long build may keep finished work to resume from (None: no
+    resuming; the build removes what it kept there once it is done)."""
 
     name: str
     calibration: Calibration = field(default_factory=Calibration)
     inputs: Mapping[str, Path] = field(default_factory=dict)
     progress: Progress | None = None
+    work: Path | None = None
 
 
 class Format:

@@ -30,6 +30,7 @@ registration and a transformers example.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
@@ -146,7 +147,7 @@ class GPTQ(Format):
             # single thread solved 3-8x faster, which is what `threads: 1` is for
             threads = self.options.threads or torch_threads()
             facts["layers"] = write_quantized(source, spec, samples, out_dir, self.options.shard_size, threads,
-                                              self.options.expert_floor)  # fmt: skip
+                                              self.options.expert_floor, ctx.work)  # fmt: skip
             facts["solver_threads"] = threads
             if arch(source.model_type).gptq_experts:
                 facts["expert_floor"] = self.options.expert_floor
@@ -250,49 +251,91 @@ def torch_threads() -> int:
 
 
 def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir: Path, shard_size: int,
-                    threads: int, expert_floor: int = 64) -> list:  # fmt: skip
+                    threads: int, expert_floor: int = 64, store_dir: Path | None = None) -> list:  # fmt: skip
     """Quantize layer by layer and write the checkpoint; return each layer's per-linear output errors (GPTQ's and
     round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs; experts'
     as one mean per expert) and, for a mixture of experts, its coverage record. Forward passes use all of torch's
-    threads; the solver uses `threads`."""
+    threads; the solver uses `threads`. With `store_dir`, each finished layer is kept there and a rerun with the same
+    inputs resumes after the last one (pipeline.quantizers.resume); the folder is removed once the checkpoint is
+    complete."""
     import torch
 
     from pipeline.quantizers.layers import LayerStream
 
     row = arch(source.model_type)
     stream = LayerStream(source, samples, row.gptq_linears, experts=row.gptq_experts, expert_floor=expert_floor)
+    store = layer_store(store_dir, source, spec, samples, expert_floor, stream.dtype, threads)
     writer = ShardWriter(out_dir, shard_size)
     for name, tensor in stream.other_tensors():
         writer.add(name, tensor.to(torch.float16))
     report, started, forward_threads = [], time.perf_counter(), torch.get_num_threads()
-    for index in range(stream.n_layers):
+    first = store.finished() if store else 0
+    if first:
+        log.info("gptq: resuming after layer %d/%d, finished by an earlier run", first, stream.n_layers)
+        for index in range(first):
+            written, entry = store.load(index)
+            for name, tensor in written:
+                writer.add(name, tensor)
+            report.append(entry)
+        stream.resume(first, store.hidden(first - 1))
+    for index in range(first, stream.n_layers):
         layer_start = time.perf_counter()
         layer, originals, groups, experts = stream.collect(index)
-        prefix = f"model.layers.{index}."
+        prefix, written = f"model.layers.{index}.", Written()
         torch.set_num_threads(threads)
-        errors = quantize_linears(groups, originals, spec, stream.dtype, writer, prefix)
+        errors = quantize_linears(groups, originals, spec, stream.dtype, written, prefix)
         entry = {"layer": index, "errors": errors}
         if experts is not None:
             entry["expert_errors"] = quantize_experts(experts, row.gptq_experts, originals, spec, stream.dtype,
-                                                      writer, prefix)  # fmt: skip
+                                                      written, prefix)  # fmt: skip
             entry["coverage"] = experts.coverage(index)
             log_coverage(entry["coverage"], stream.n_layers)
         torch.set_num_threads(forward_threads)
         for name, tensor in originals.items():
             if name.rsplit(".", 1)[0] not in errors and not (row.gptq_experts and row.gptq_experts.matches(f".{name}")):
-                writer.add(f"{prefix}{name}", tensor.to(torch.float16))  # norms, routers: what stays in float
+                written.add(f"{prefix}{name}", tensor.to(torch.float16))  # norms, routers: what stays in float
         stream.advance(layer)
         seconds = time.perf_counter() - layer_start
         report.append({"layer": index, "seconds": round(seconds, 2), **entry})
-        eta = (time.perf_counter() - started) / (index + 1) * (stream.n_layers - index - 1)
+        if store:
+            store.save(index, written.tensors, report[-1], stream.hidden)
+        for name, tensor in written.tensors:
+            writer.add(name, tensor)
+        eta = (time.perf_counter() - started) / (index - first + 1) * (stream.n_layers - index - 1)
         mean = np.mean([e["gptq"] for e in errors.values()] + entry.get("expert_errors", {}).get("gptq", []))
         log.info("gptq: layer %d/%d in %.1f s (mean output error %.4f), about %.0f s left", index + 1, stream.n_layers,
                  seconds, mean, eta)  # fmt: skip
     writer.close()
+    if store:
+        store.remove()
     return report
 
 
-def quantize_linears(groups, originals: dict, spec, dtype, writer: ShardWriter, prefix: str) -> dict[str, dict]:
+class Written:
+    """One layer's output tensors in writing order, held until the layer is finished (then stored and written)."""
+
+    def __init__(self):
+        self.tensors: list[tuple[str, Any]] = []
+
+    def add(self, name: str, tensor) -> None:
+        self.tensors.append((name, tensor.contiguous()))
+
+
+def layer_store(folder: Path | None, source: SourceInfo, spec, samples, expert_floor: int, dtype, threads: int):
+    """The store of finished layers for these inputs (None without a folder): everything that decides the bytes."""
+    if folder is None:
+        return None
+    import torch
+
+    from pipeline.quantizers.resume import LayerStore
+
+    return LayerStore(folder, {"source": source.fingerprint, "spec": dataclasses.asdict(spec),
+                               "samples": samples_digest(samples), "expert_floor": expert_floor, "dtype": str(dtype),
+                               "threads": threads, "forward_threads": torch.get_num_threads(),
+                               "torch": torch.__version__})  # fmt: skip
+
+
+def quantize_linears(groups, originals: dict, spec, dtype, writer, prefix: str) -> dict[str, dict]:
     """The dense linears: one solve per group of linears reading one input (their rows stacked, one Hessian); each
     module's weight becomes its dequantized self, so the next layer's inputs come from the quantized layer."""
     import torch
@@ -312,7 +355,7 @@ def quantize_linears(groups, originals: dict, spec, dtype, writer: ShardWriter, 
     return errors
 
 
-def quantize_experts(hessians, experts, originals: dict, spec, dtype, writer: ShardWriter, prefix: str) -> dict:
+def quantize_experts(hessians, experts, originals: dict, spec, dtype, writer, prefix: str) -> dict:
     """Every expert its own solves: gate and up on their shared Hessian (rows stacked), down on its own; written
     per expert under the checkpoint's names (`experts.{e}.gate_proj`, Mixtral's `experts.{e}.w1`), which vLLM's and
     GPTQModel's MoE loaders read. The dequantized weights go back into transformers' fused tensors for the next
@@ -337,7 +380,7 @@ def quantize_experts(hessians, experts, originals: dict, spec, dtype, writer: Sh
     return means
 
 
-def write_linear(writer: ShardWriter, name: str, weight, quantized, hessian, spec, dtype) -> dict[str, float]:
+def write_linear(writer, name: str, weight, quantized, hessian, spec, dtype) -> dict[str, float]:
     """Write one quantized linear (GPTQ v1 tensors under `name`); return its output errors, GPTQ's and RTN's."""
     from pipeline.quantizers.gptq import output_errors, rtn, to_checkpoint
 

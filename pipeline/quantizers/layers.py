@@ -231,3 +231,9 @@ class LayerStream:
         with torch.inference_mode():
             self.hidden = [self.forward(layer, hidden) for hidden in self.hidden]
         layer.to(device="meta")
+
+    def resume(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Continue at layer `index` from the activations an earlier run stored after layer `index - 1`."""
+        if [h.shape for h in hidden] != [h.shape for h in self.hidden] or hidden[0].dtype != self.dtype:
+            raise ValueError(f"stored activations after layer {index} do not fit these calibration samples")
+        self.hidden = hidden
