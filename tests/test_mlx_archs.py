@@ -132,3 +132,22 @@ def test_config_mlx_lm_would_compute_differently_is_refused(tiny_model, tmp_path
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_experts_per_tok": 2}))
     with pytest.raises(FormatError, match="MLX: mlx-lm's llama4 assumes num_experts_per_tok: 1, this checkpoint has 2"):
         Format.for_target(Target(format="mlx", quant="q4")).check(inspect_checkpoint(tmp_path))
+
+
+@pytest.mark.parametrize("name", ["llama4_text", "qwen3_next"])
+def test_validation_generates_with_mlx_lm_caches(tiny_model, converted, name):
+    """The validation step on a q8 folder: perplexity and generation through mlx-lm's own caches (chunked attention,
+    linear-attention state), beyond one forward pass; Llama 4's folder holds a multimodal config."""
+    from pipeline.formats.base import Format
+    from pipeline.recipe import RecipeTarget as Target
+    from pipeline.reference import reference
+    from pipeline.source import inspect_checkpoint
+    from pipeline.types import Validation
+
+    validation = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
+    fmt = Format.for_target(Target(format="mlx", quant="q8"))
+    result = fmt.validate(
+        converted(name, "q8"), reference(inspect_checkpoint(tiny_model(name)), validation), validation
+    )
+    assert result["failures"] == [] and result["smoke"]["tokenizer"]["matches"]
+    assert 0.97 < result["quality"]["ppl_ratio"] < 1.03 and result["quality"]["top1_agreement"] > 0.85

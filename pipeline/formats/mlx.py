@@ -8,7 +8,7 @@ llama.cpp's Q4_K_M favours). The folder it writes is what `mlx_lm.load` and LM S
 mlx-lm reads the source's config.json itself and, for the common architectures, takes `rope_theta` only from the
 top level; transformers 5 writes it only under `rope_parameters`, and mlx-lm then silently uses its own default
 (wrong logits, no error). So conversion reads the source through a shadow folder whose config.json carries the
-portable keys (`pipeline.source.portable_config`), and the artifact keeps them. The artifact also gets the source's
+portable keys (`pipeline.checkpoint.portable_config`), and the artifact keeps them. The artifact also gets the source's
 own tokenizer files back: mlx-lm re-saves the tokenizer AutoTokenizer gave it, and for some configs transformers 5
 swaps in a model-specific class with a different pre-tokenizer.
 
