@@ -49,10 +49,11 @@ def make_checkpoint(folder: Path, billions: float, tokenizer: Path) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     hidden, inter, layers, heads, kv = SHAPES[billions]
-    config = AutoConfig.for_model("llama", vocab_size=49152, hidden_size=hidden, intermediate_size=inter,
-                                  num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                                  max_position_embeddings=4096, rope_theta=100000.0, rms_norm_eps=1e-5,
-                                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")  # fmt: skip
+    config = AutoConfig.for_model(
+        "llama", vocab_size=49152, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096, rope_theta=100000.0,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+    )  # fmt: skip
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).state_dict().items()}
     folder.mkdir(parents=True)
@@ -111,7 +112,7 @@ def stage(argv: list[str]) -> None:
     from pipeline.formats.base import BuildContext, Format
     from pipeline.reference import reference
     from pipeline.source import inspect_checkpoint
-    from pipeline.types import Calibration, Target, Validation
+    from pipeline.types import Calibration, Target
 
     kind, source = argv[0], inspect_checkpoint(Path(argv[1]))
     if kind == "reference":
@@ -159,7 +160,7 @@ def main() -> None:
             floor = (sizes["largest_shard"] + sizes["largest_layer"]) / 1024**2
             label = f"{sizes['params'] / 1e9:.2f}B"
 
-            def row(name: str, measured: tuple[float, float, bool], note: str = "") -> None:
+            def row(name: str, measured: tuple[float, float, bool], note: str = "", label=label, floor=floor) -> None:
                 wall, peak, _ = measured
                 rows.append([name, label, f"{wall:.0f}", f"{peak / 1024:.2f}", f"{peak / floor:.1f}", note])
                 print_table(["stage", "model", "wall s", "peak GB", "x (shard+layer)", "note"], rows[-1:])
@@ -170,7 +171,7 @@ def main() -> None:
                 out.mkdir()
                 stop = None
                 if target.startswith("gptq") and args.gptq_layers:
-                    stop = lambda: len(list(work.glob("layer-*.safetensors"))) >= args.gptq_layers  # noqa: E731
+                    stop = lambda work=work: len(list(work.glob("layer-*.safetensors"))) >= args.gptq_layers  # noqa: E731
                 built = measure([*here, "build", str(source), target, str(out), str(work)], stop)
                 row(f"{target} build", built, f"stopped after {args.gptq_layers} layers" if built[2] else "")
                 if not built[2]:

@@ -68,6 +68,27 @@ class Experts:
 
 
 @dataclass(frozen=True)
+class MlxTensors:
+    """A rewrite of checkpoint tensors into the layout mlx-lm's module loads, where it differs from what transformers
+    saves (mlx-lm's `sanitize` handles the layouts of the original releases, not always transformers 5's). Each
+    tensor whose name matches `pattern` (a regular expression) becomes the pieces named by `into` (`re.sub`
+    templates): the whole tensor (one name), or its halves / interleaved rows along `axis` (two names); `transpose`
+    then swaps each piece's last two axes (transformers' fused experts are [experts, in, out], MLX's [experts, out,
+    in]). A pattern with a group named `expert` stacks the per-expert tensors it matches, in expert order, into one
+    [experts, ...] tensor named by `into` (mlx-lm's SwitchGLU)."""
+
+    pattern: str
+    into: tuple[str, ...]
+    split: str = ""  # "", "halves" or "interleaved"
+    axis: int = -1
+    transpose: bool = False
+
+
+# one linear per expert, as transformers 5 saves most MoE checkpoints -> mlx-lm's SwitchGLU, [experts, out, in]
+STACK_EXPERTS = MlxTensors(r"^(.*\.mlp)\.experts\.(?P<expert>\d+)\.(\w+)\.weight$", (r"\1.switch_mlp.\3.weight",))
+
+
+@dataclass(frozen=True)
 class Arch:
     """What the formats need to know about one `model_type`. A field left at its default means "not supported"."""
 
@@ -77,7 +98,12 @@ class Arch:
     norm_offset: float = 0.0  # RMSNorm weights stored as an offset from 1 (Gemma)
     gguf_skip: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not read (a tied lm_head ...)
     gguf_requires: dict[str, Any] = field(default_factory=dict)  # config values llama.cpp's architecture assumes
-    mlx: bool = False  # mlx-lm's module for this model_type loads the checkpoint as transformers saves it
+    mlx: bool = False  # mlx-lm has a module for it (and loads the checkpoint, rewritten by `mlx_tensors`)
+    mlx_module: str | None = None  # mlx-lm's module, where it is not named by the model_type
+    mlx_text_config: bool = False  # mlx-lm's module reads a multimodal config: text under `text_config` and
+    # weights under `language_model.`
+    mlx_tensors: tuple[MlxTensors, ...] = ()  # rewrites into mlx-lm's layout, the first matching one applies
+    mlx_requires: dict[str, Any] = field(default_factory=dict)  # config values mlx-lm's module assumes
     gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
     gptq_experts: Experts | None = None  # a mixture of experts: every expert's linears quantized too
     onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
@@ -205,20 +231,56 @@ ARCHS: dict[str, Arch] = {
         features=("multipliers",),
     ),
     # the other families of late 2026: known, not converted yet (every target refused, naming the architecture)
-    "qwen3_5": Arch(features=("hybrid: Gated DeltaNet + full attention",)),
-    "qwen3_5_moe": Arch(moe=True, features=("hybrid: Gated DeltaNet + full attention",)),
-    "qwen3_next": Arch(moe=True, features=("hybrid: Gated DeltaNet + full attention", "shared expert")),
-    "gemma3_text": Arch(features=("sliding/global attention", "two rope bases")),
-    "gemma4_text": Arch(features=("per-layer embeddings",)),
-    "gpt_oss": Arch(moe=True, features=("attention sinks", "MXFP4 experts")),
-    "deepseek_v3": Arch(moe=True, features=("multi-head latent attention", "shared experts")),
-    "llama4_text": Arch(moe=True, features=("MoE and dense layers", "chunked attention")),
+    "qwen3_5": Arch(mlx=True, features=("hybrid: Gated DeltaNet + full attention",)),
+    # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
+    # linear per expert
+    "qwen3_5_moe": Arch(
+        mlx=True, mlx_tensors=(STACK_EXPERTS,), moe=True, features=("hybrid: Gated DeltaNet + full attention",)
+    ),
+    "qwen3_next": Arch(mlx=True, moe=True, features=("hybrid: Gated DeltaNet + full attention", "shared expert")),
+    "gemma3_text": Arch(mlx=True, features=("sliding/global attention", "two rope bases")),
+    "gemma4_text": Arch(mlx=True, features=("per-layer embeddings",)),
+    # transformers keeps gpt-oss's experts fused, [experts, in, out], gate and up rows interleaved; mlx-lm's sanitize
+    # reads the original release's MXFP4 blocks, so the rewrite gives it its own layout (which it loads as is)
+    "gpt_oss": Arch(
+        mlx=True,
+        mlx_tensors=(
+            MlxTensors(
+                r"^(.*)\.gate_up_proj$", (r"\1.gate_proj.weight", r"\1.up_proj.weight"), "interleaved", -1, True
+            ),
+            MlxTensors(r"^(.*)\.gate_up_proj_bias$", (r"\1.gate_proj.bias", r"\1.up_proj.bias"), "interleaved", -1),
+            MlxTensors(r"^(.*\.experts)\.down_proj$", (r"\1.down_proj.weight",), transpose=True),
+            MlxTensors(r"^(.*\.experts)\.down_proj_bias$", (r"\1.down_proj.bias",)),
+        ),
+        moe=True,
+        features=("attention sinks", "MXFP4 experts"),
+    ),
+    "deepseek_v3": Arch(mlx=True, moe=True, features=("multi-head latent attention", "shared experts")),
+    # mlx-lm's llama4_text module is a dense model; Llama 4's experts are in its multimodal `llama4` module, whose
+    # sanitize splits transformers' fused experts itself
+    "llama4_text": Arch(
+        mlx=True,
+        mlx_module="llama4",
+        mlx_text_config=True,
+        mlx_requires={"num_experts_per_tok": 1, "no_rope_layer_interval": 4},  # hard-coded in mlx-lm's llama4
+        moe=True,
+        features=("MoE and dense layers", "chunked attention"),
+    ),
 }
+
+# transformers' text-only checkpoints of a multimodal family carry the text config's model_type: the family's row
+ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
 
 
 def arch(model_type: str) -> Arch:
-    """The row of `model_type`; an empty row (nothing supported) for one the table does not know."""
-    return ARCHS.get(model_type, Arch())
+    """The row of `model_type` (or of the family it is the text-only model of); an empty row (nothing supported) for
+    one the table does not know."""
+    return ARCHS.get(ALIASES.get(model_type, model_type), Arch())
+
+
+def family(model_type: str) -> str:
+    """The row's name for `model_type`: itself, or the multimodal family it is the text-only model of."""
+    return ALIASES.get(model_type, model_type)
 
 
 def supported(attribute: str) -> list[str]:

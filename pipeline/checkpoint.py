@@ -207,7 +207,34 @@ def portable_config(config: dict) -> dict:
         out.setdefault("torch_dtype", config["dtype"])
     if config.get("num_local_experts") is not None:  # transformers 5 saves Qwen3 MoE's `num_experts` under this name
         out.setdefault("num_experts", config["num_local_experts"])
-    return out
+    return {**out, **per_layer_type(config, out)}
+
+
+def per_layer_type(config: dict, portable: dict) -> dict:
+    """Gemma 3/4's settings per layer type as transformers 4 and the original releases spelled them: transformers 5
+    nests the rope settings under `rope_parameters.{full_attention,sliding_attention}` (4: `rope_theta` and
+    `rope_local_base_freq`), keeps only `layer_types` (4: `sliding_window_pattern`, every n-th layer global) and saves
+    Gemma 4's global head size in `per_layer_config` (the release: `global_head_dim`, `num_global_key_value_heads`)."""
+    out: dict = {}
+    rope = config.get("rope_parameters") or {}
+    full, sliding = rope.get("full_attention"), rope.get("sliding_attention")
+    if isinstance(full, dict) and isinstance(sliding, dict):
+        out["rope_theta"], out["rope_local_base_freq"] = full.get("rope_theta"), sliding.get("rope_theta")
+        kind = full.get("rope_type", "default")
+        if kind != "default" and not portable.get("rope_scaling"):
+            out["rope_scaling"] = {**full, "type": kind}  # transformers 5 wants its rope_theta too
+    types = config.get("layer_types") or []
+    if "sliding_attention" in types and "full_attention" in types:
+        period = types.index("full_attention") + 1
+        if all((kind == "full_attention") == ((i + 1) % period == 0) for i, kind in enumerate(types)):
+            out["sliding_window_pattern"] = period
+    per_layer = config.get("per_layer_config") or {}
+    globals_ = [per_layer[str(i)] for i, kind in enumerate(types) if kind == "full_attention" and str(i) in per_layer]
+    if globals_ and "head_dim" in globals_[0]:
+        out["global_head_dim"] = globals_[0]["head_dim"]
+    if globals_ and "num_key_value_heads" in globals_[0]:
+        out["num_global_key_value_heads"] = globals_[0]["num_key_value_heads"]
+    return {k: v for k, v in out.items() if k not in portable and v is not None}
 
 
 def portable_view(source: Path, shadow: Path) -> Path:

@@ -25,6 +25,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
              max_position_embeddings=1024, initializer_range=0.25)  # fmt: skip
+# Gated DeltaNet layers (linear attention) and a full attention layer
+HYBRID = dict(SMALL, head_dim=16, rms_norm_eps=1e-6, tie_word_embeddings=False, linear_key_head_dim=16,
+              linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4, full_attention_interval=2,
+              layer_types=["linear_attention", "full_attention"])  # fmt: skip
+HYBRID_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, shared_expert_intermediate_size=64)
 TINY_CONFIGS = {
     "llama": dict(SMALL, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False),
     "qwen2": dict(SMALL, rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
@@ -84,6 +89,89 @@ TINY_CONFIGS = {
         tie_word_embeddings=False,
         pad_token_id=0,
     ),
+    # the 2026 families (MLX through mlx-lm). Hybrids have both layer kinds; transformers saves a text-only Qwen 3.5
+    # as `qwen3_5_text` (the table's `qwen3_5` row)
+    "qwen3_5_text": dict(HYBRID),
+    "qwen3_5_moe_text": dict(HYBRID, **HYBRID_MOE),
+    "qwen3_next": dict(HYBRID, **HYBRID_MOE, decoder_sparse_step=1, norm_topk_prob=True),
+    "gemma3_text": dict(
+        SMALL,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=8,
+        rms_norm_eps=1e-6,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
+        },
+        tie_word_embeddings=True,
+    ),  # fmt: skip
+    # global layers with their own head size (`global_head_dim`), per-layer embeddings over the whole vocabulary
+    "gemma4_text": dict(
+        SMALL,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=8,
+        rms_norm_eps=1e-6,
+        layer_types=["sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=64,
+        vocab_size_per_layer_input=49152,
+        tie_word_embeddings=True,
+    ),
+    "gpt_oss": dict(
+        SMALL,
+        intermediate_size=64,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": True,
+            "original_max_position_embeddings": 32,
+            "rope_theta": 150000.0,
+        },
+        tie_word_embeddings=False,
+    ),  # fmt: skip
+    # a dense first layer, then routed and shared experts; latent attention with q and kv low-rank projections
+    "deepseek_v3": dict(
+        SMALL,
+        num_key_value_heads=4,
+        moe_intermediate_size=64,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        q_lora_rank=64,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=16,
+        v_head_dim=16,
+        head_dim=8,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # dense and MoE layers alternating, no rope on every 4th layer, chunked attention on the others
+    "llama4_text": dict(
+        SMALL,
+        num_hidden_layers=4,
+        intermediate_size=64,
+        intermediate_size_mlp=128,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=1,
+        interleave_moe_layer_step=2,
+        attention_chunk_size=8,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
 }
 
 
@@ -139,6 +227,10 @@ TINY_MODELS = {
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
     "llama-4-layers": ("llama", {"num_hidden_layers": 4}),
+    **{name: (name, {}) for name in ("qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3")},
+    "qwen3_5": ("qwen3_5_text", {}),
+    "qwen3_5_moe": ("qwen3_5_moe_text", {}),
+    "llama4_text": ("llama4_text", {}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),

@@ -1,4 +1,4 @@
-"""GPTQ resumes per layer: a run killed mid-model continues after its last finished layer, with byte-identical output."""
+"""GPTQ resumes per layer: a run killed mid-model continues after its last finished layer, byte for byte the same."""
 
 from __future__ import annotations
 
@@ -50,8 +50,8 @@ def test_a_killed_gptq_run_resumes_after_its_last_finished_layer_with_identical_
     killed = convert("-c", KILLED_AFTER_LAYER_2, str(path))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     store = root / ".gptq-int4.layers"
-    assert sorted(p.name for p in store.iterdir()) == ["hidden-00001.safetensors", "key.json",
-                                                       "layer-00000.safetensors", "layer-00001.safetensors"]  # fmt: skip
+    kept = ["hidden-00001.safetensors", "key.json", "layer-00000.safetensors", "layer-00001.safetensors"]
+    assert sorted(p.name for p in store.iterdir()) == kept
     assert not (root / "gptq-int4").exists()
 
     rerun = convert("-m", "pipeline.cli", "convert", "--no-prefect", str(path))

@@ -8,12 +8,33 @@ llama.cpp's Q4_K_M favours). The folder it writes is what `mlx_lm.load` and LM S
 mlx-lm reads the source's config.json itself and, for the common architectures, takes `rope_theta` only from the
 top level; transformers 5 writes it only under `rope_parameters`, and mlx-lm then silently uses its own default
 (wrong logits, no error). So conversion reads the source through a shadow folder whose config.json carries the
-portable keys (`pipeline.source.portable_config`), and the artifact keeps them. The artifact also gets the source's
+portable keys (`pipeline.checkpoint.portable_config`), and the artifact keeps them. The artifact also gets the source's
 own tokenizer files back: mlx-lm re-saves the tokenizer AutoTokenizer gave it, and for some configs transformers 5
 swaps in a model-specific class with a different pre-tokenizer.
 
-Which architectures: those whose row in `pipeline.archs` says mlx-lm's module for the model_type loads the checkpoint
-as transformers saves it (and mlx-lm has that module). The artifact is validated with mlx-lm on whatever MLX backend
+Which architectures: those whose row in `pipeline.archs` says mlx-lm has a module that loads the checkpoint, as
+transformers saves it or rewritten by the row's data (`mlx_view`): the module's name where it is not the model_type,
+a multimodal `text_config` wrapper, and tensor rewrites (`MlxTensors`: rename, split halves or interleaved rows,
+transpose, stack per-expert tensors). What tiny transformers-5.24 checkpoints taught about mlx-lm 0.32.2 (the tests
+in tests/test_mlx_archs.py hold it):
+- mlx-lm's `sanitize` handles the layouts of the original releases, not always transformers 5's: its qwen3_5_moe
+  splits a fused `experts.gate_up_proj` where transformers saves one linear per expert (stacked here); its gpt_oss
+  reads MXFP4 `_blocks` where transformers saves float `gate_up_proj` [experts, in, 2·out] with gate and up columns
+  interleaved (split and transposed here into mlx-lm's own layout, which it loads as is).
+- mlx-lm's `llama4_text` module is a dense model (MobileLLM); Llama 4's experts live in its multimodal `llama4`
+  module, which wants `text_config` and `language_model.` names, and assumes no rope on every 4th layer and top-1
+  routing, as the release has. A text-only Qwen 3.5 is saved as `qwen3_5_text`, read by mlx-lm's `qwen3_5`.
+- transformers 5 nests Gemma's rope settings per layer type and saves Gemma 4's global head size in
+  `per_layer_config`; mlx-lm reads the release's `rope_theta`/`rope_local_base_freq`/`sliding_window_pattern`/
+  `global_head_dim` and silently falls back to its defaults without them (`pipeline.checkpoint.portable_config`).
+- mlx-lm folds constants into stored weights for some modules (Qwen 3.5's norms stored as 1 + w), so a float16 or
+  bfloat16 artifact rounds after the fold: float16 logits differ from transformers' by up to ~1.5% of their range on
+  the random tiny hybrids, where float32 matches to 1e-5.
+- mlx-lm's YaRN rounds the correction range (transformers' `truncate: true`); gpt-oss's release config says
+  `truncate: false`, and its logits then differ from transformers' (0.14 of a range of 10 on a tiny gpt-oss with the
+  release's rope settings): the validation's budget judges it.
+
+The artifact is validated with mlx-lm on whatever MLX backend
 the worker has (`pipeline.runtimes.mlx`), which is recorded. Hand-off files: an `mlx_lm.server` script and a note
 for LM Studio.
 """
@@ -22,13 +43,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import shutil
 import tempfile
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import handoff
-from pipeline.archs import arch
+from pipeline.archs import Arch, MlxTensors, arch, family
 from pipeline.checkpoint import portable_view
 from pipeline.formats.base import BuildContext, Format, check_group_size, missing_modules, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
@@ -73,9 +96,15 @@ class MLX(Format):
     def check(self, source: SourceInfo) -> None:
         refuse_unless(arch(source.model_type).mlx, "MLX", source.model_type, "mlx",
                       "mlx-lm has no module for it that loads transformers' checkpoint")  # fmt: skip
-        if importlib.util.find_spec("mlx_lm") and not importlib.util.find_spec(f"mlx_lm.models.{source.model_type}"):
+        module = mlx_module(source.model_type)
+        config = source.config()
+        for key, value in arch(source.model_type).mlx_requires.items():
+            if config.get(key, value) != value:
+                raise FormatError(f"MLX: mlx-lm's {module} assumes {key}: {value!r}, this checkpoint has "
+                                  f"{config[key]!r}")  # fmt: skip
+        if importlib.util.find_spec("mlx_lm") and not importlib.util.find_spec(f"mlx_lm.models.{module}"):
             raise FormatError(f"MLX: the installed mlx-lm {package_version('mlx-lm')} has no module for "
-                              f"{source.model_type!r}: upgrade mlx-lm")  # fmt: skip
+                              f"{module!r}: upgrade mlx-lm")  # fmt: skip
         if self.quant not in FLOATS:
             check_group_size(source, self.options.group_size)
 
@@ -84,7 +113,7 @@ class MLX(Format):
 
         dtype = FLOATS.get(self.quant) or (None if self.options.dtype == "auto" else self.options.dtype)
         with tempfile.TemporaryDirectory(dir=out_dir.parent) as scratch:
-            shadow = portable_view(source.path, Path(scratch) / "source")
+            shadow = mlx_view(source.path, Path(scratch) / "source", source.model_type)
             converted = Path(scratch) / "converted"  # mlx-lm insists on creating its output folder itself
             convert(
                 str(shadow),
@@ -145,6 +174,89 @@ class MLX(Format):
             "safetensors weights, the tokenizer and the chat template, which is all LM Studio's MLX engine reads.\n"
         )
         return {"mlx-server.sh": handoff.script(server), "LMSTUDIO.md": note}
+
+
+def mlx_module(model_type: str) -> str:
+    """The mlx-lm module (its `model_type`) that loads a checkpoint of `model_type`."""
+    return arch(model_type).mlx_module or family(model_type)
+
+
+def mlx_view(source: Path, shadow: Path, model_type: str) -> Path:
+    """The checkpoint as mlx-lm's module for it reads it: the portable config (`portable_view`) naming that module,
+    wrapped as a multimodal config where the module wants one, and the weights rewritten where the row says so."""
+    row, module = arch(model_type), mlx_module(model_type)
+    portable_view(source, shadow)
+    config = json.loads((shadow / "config.json").read_text(encoding="utf-8"))
+    config["model_type"] = module
+    config.setdefault("rope_scaling", None)  # as transformers 4 wrote it; some mlx-lm modules require the key
+    if row.mlx_text_config:
+        config = {"model_type": module, "text_config": config, "tie_word_embeddings": config.get("tie_word_embeddings")}
+    (shadow / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    if row.mlx_tensors or row.mlx_text_config:
+        rewrite_weights(shadow, row)
+    return shadow
+
+
+def rewrite_weights(shadow: Path, row: Arch, shard_bytes: int = 4 << 30) -> None:
+    """Replace the shadow's links to the safetensors by shards of the rewritten tensors (`rewrite`): a copy of the
+    checkpoint in the build's scratch folder (mlx-lm then loads the whole model anyway)."""
+    import mlx.core as mx
+
+    files = sorted(shadow.glob("*.safetensors"))
+    weights = {name: value for file in files for name, value in mx.load(str(file.resolve())).items()}  # lazy
+    for item in [*files, *shadow.glob("*.safetensors.index.json")]:
+        item.unlink()
+    weights = rewrite(weights, row.mlx_tensors, "language_model." if row.mlx_text_config else "")
+    shards, size = [[]], 0
+    for name in sorted(weights):
+        if shards[-1] and size + weights[name].nbytes > shard_bytes:
+            shards, size = [*shards, []], 0
+        shards[-1].append(name)
+        size += weights[name].nbytes
+    for number, names in enumerate(shards, 1):  # each shard's tensors are freed once it is written
+        tensors = {name: weights.pop(name) for name in names}
+        mx.save_safetensors(str(shadow / f"model-{number:05d}-of-{len(shards):05d}.safetensors"), tensors,
+                            metadata={"format": "mlx"})  # fmt: skip
+
+
+def rewrite(weights: dict, rules: tuple[MlxTensors, ...], prefix: str = "") -> dict:
+    """The tensors renamed, split, transposed and stacked as `rules` say (see `MlxTensors`), names prefixed."""
+    import mlx.core as mx
+
+    out, stacks = {}, defaultdict(dict)
+    for name, value in weights.items():
+        rule, match = next(((r, m) for r in rules if (m := re.search(r.pattern, name))), (None, None))
+        if rule is None:
+            out[prefix + name] = value
+        elif "expert" in match.groupdict():
+            stacks[prefix + match.expand(rule.into[0])][int(match["expert"])] = value
+        else:
+            pieces = split(value, rule.split, rule.axis)
+            if len(pieces) != len(rule.into):
+                raise FormatError(f"MLX: the rewrite of {name} names {len(rule.into)} pieces for {len(pieces)}")
+            for template, piece in zip(rule.into, pieces, strict=True):
+                out[prefix + match.expand(template)] = mx.swapaxes(piece, -1, -2) if rule.transpose else piece
+    for name, experts in stacks.items():
+        if sorted(experts) != list(range(len(experts))):
+            raise FormatError(f"MLX: the experts of {name} are not numbered 0..{len(experts) - 1}")
+        out[name] = mx.stack([experts[e] for e in range(len(experts))])
+    return out
+
+
+def split(value, how: str, axis: int) -> list:
+    """`value` whole, or its halves or interleaved (even, odd) slices along `axis`."""
+    import mlx.core as mx
+
+    if how == "halves":
+        return mx.split(value, 2, axis=axis)
+    if how == "interleaved":
+        index = [slice(None)] * value.ndim
+        pieces = []
+        for start in (0, 1):
+            index[axis] = slice(start, None, 2)
+            pieces.append(mx.contiguous(value[tuple(index)]))
+        return pieces
+    return [value]
 
 
 def stored_dtype_replies(artifact: Path, smoke: dict[str, Any], stop_ids: list[int],
