@@ -93,7 +93,7 @@ def first_walk(stream, decoder: Greedy, chunks: list[list[int]]) -> list:
     """One walk over the layers running the chunks and the whole prompts; the chunks' scores, and the prompts'
     first new tokens picked."""
     for index in range(stream.n_layers):
-        layer, _ = stream.load(index)
+        layer = stream.load(index)[0]  # its float32 state dict let go at once
         decoder.through(layer)
         stream.advance(layer)
     decoder.norm, decoder.weight = stream.head()
@@ -109,7 +109,7 @@ def walk(stream, decoder: Greedy) -> None:
     log.info("reference: streamed generation, token %d of at most %d", max(map(len, decoder.out)) + 1,
              decoder.max_new_tokens)  # fmt: skip
     for index in range(stream.n_layers):
-        layer, _ = stream.load(index)
+        layer = stream.load(index)[0]  # its float32 state dict let go at once
         decoder.through(layer)
         layer.to(device="meta")
     decoder.next_tokens()
