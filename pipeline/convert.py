@@ -51,6 +51,7 @@ from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe
 from pipeline.reference import cache_folder, eval_chunks, reference
+from pipeline.reference import mode as reference_mode
 from pipeline.report import write_report
 from pipeline.resources import PROCESS, machine_free, model_size, reference_memory, shortfalls
 from pipeline.source import load_tokenizer, resolve_source
@@ -92,12 +93,15 @@ def prepare(recipe: Recipe, plan: Plan | None = None) -> SourceInfo:
 
 
 def preflight(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
-    """InputError for a tokenizer, held-out or calibration text the plan cannot use, found before any build."""
+    """InputError for a tokenizer, held-out or calibration text the plan cannot use, or a streamed reference of an
+    architecture the layer walker cannot run, found before any build."""
     if not {"tokenizer.json", "tokenizer.model"} & set(source.tokenizer_files):
         raise SourceError(f"source {source.spec!r} has no tokenizer (tokenizer.json or tokenizer.model): add the "
                           f"model's tokenizer files to {source.path}")  # fmt: skip
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
     validation, calibration = recipe.validation, recipe.calibration
+    if validation.reference == "streamed":
+        reference_mode(source, validation, recipe.dtype)  # InputError for a source the layer walker cannot run
     try:
         eval_chunks(tokenizer, load_text(validation.held_out, "held_out"), validation.eval_tokens, validation.context)
     except ValueError as exc:
@@ -120,8 +124,9 @@ def check_resources(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
     needs = {key: fmt.needs(size, recipe.validation, recipe.calibration) for key, fmt in plan.formats.items()}
     held_out = load_text(recipe.validation.held_out, "held_out")
     cached = (cache_folder(source, recipe.validation, recipe.dtype, held_out) / "reference.json").is_file()
-    reference_bytes = 0 if cached else reference_memory(size, recipe.validation.context)
     memory, disk = machine_free(recipe.output_dir())
+    streamed = reference_mode(source, recipe.validation, recipe.dtype, memory, size) == "streamed"
+    reference_bytes = 0 if cached else reference_memory(size, recipe.validation, recipe.dtype, streamed)
     if problems := shortfalls(needs, reference_bytes, memory, disk):
         raise NotEnoughResources(f"{recipe.name}: {'; '.join(problems)}: run it on a larger machine, convert "
                                  f"fewer targets per run, or set check_resources: false if the estimate is "

@@ -10,8 +10,16 @@ one with the top 512 tokens, 1.3% with 2048, 0.2% with 8192 and 0.04% with 16384
 64 KB per position, whatever the vocabulary (the full distributions of 2048 tokens of a 150k vocabulary are 1.2 GB),
 memory-mapped from disk when read.
 
+The source runs whole (`from_pretrained`, every weight in memory at once, 4 bytes a parameter in float32) or streamed
+(`pipeline.reference_stream`: one decoder layer at a time, the same numbers within float rounding). The recipe's
+`validation.reference` chooses; `auto` streams when the whole model's pass would not fit in the memory available now
+(`pipeline.resources.reference_memory`) and the layer walker runs the architecture.
+
 The cache is keyed by the source's file hashes, the held-out text's contents, the validation settings, the dtype and
-this module's version, under `<cache>/references/`; every target and every rerun reuses it.
+this module's version, under `<cache>/references/`; every target and every rerun reuses it. The key leaves out
+`validation.reference`: both ways compute the same function in the same dtype and agree to float rounding (tests:
+identical top-1 ids and continuations), so a reference computed either way serves both, and whether a run streams
+(which can depend on the memory free at the time) does not make it recompute a reference it has.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import numpy as np
 from pipeline.corpus import bos_prefix, load_text
 from pipeline.files import cache_root, staging_dir, text_sha256
 from pipeline.source import load_tokenizer
-from pipeline.types import SourceInfo, Validation
+from pipeline.types import InputError, SourceInfo, Validation
 
 TOP_K = 8192  # measured on SmolLM2 Q4_0: KL over the top 8192 and a tail bucket is 0.2% under the exact figure
 VERSION = 2  # bump when what is stored or how it is computed changes
@@ -105,17 +113,49 @@ def reference(source: SourceInfo, validation: Validation, dtype: str = "float32"
     held_out = load_text(validation.held_out, "held_out")
     folder = cache_folder(source, validation, dtype, held_out)
     if not (folder / "reference.json").is_file():
-        log.info("reference: running the source model in transformers (%s) on %d held-out tokens", dtype,
+        how = mode(source, validation, dtype)
+        log.info("reference: running the source model in transformers (%s, %s) on %d held-out tokens", dtype, how,
                  validation.eval_tokens)  # fmt: skip
+        if how == "streamed":
+            from pipeline import reference_stream
+
+            computed = reference_stream.compute(source, validation, dtype, held_out)
+        else:
+            computed = _compute(source, validation, dtype, held_out)
         with staging_dir(folder) as tmp:
-            _compute(source, validation, dtype, held_out).save(tmp)
+            computed.save(tmp)
     return load(folder, source.path)
+
+
+def mode(source: SourceInfo, validation: Validation, dtype: str, memory_free: int | None = None, size=None) -> str:
+    """How the reference runs: "whole" or "streamed", as `validation.reference` says; for "auto", streamed when the
+    whole model's pass (`size`: the source's `ModelSize`, read from its headers when None) would not fit in
+    `memory_free` (the memory available now when None) and the layer walker runs the source. InputError when the
+    recipe asks to stream a source the walker cannot run."""
+    from pipeline.reference_stream import walkable
+
+    why_not = walkable(source)
+    if validation.reference == "streamed" and why_not:
+        raise InputError(f"validation.reference: streamed: {why_not}; set it to whole or auto")
+    if validation.reference != "auto":
+        return validation.reference
+    if why_not:
+        return "whole"
+    import psutil
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.resources import PROCESS, model_size, reference_memory
+
+    size = size or model_size(Checkpoint(source.path), source.config())
+    whole = reference_memory(size, validation, dtype) + PROCESS
+    free = psutil.virtual_memory().available if memory_free is None else memory_free
+    return "whole" if whole <= free else "streamed"
 
 
 def cache_folder(source: SourceInfo, validation: Validation, dtype: str, held_out: str) -> Path:
     """Where the reference for this source, text and settings is cached (`reference.json` in it once computed)."""
     key = text_sha256(json.dumps({"source": source.fingerprint, "held_out": text_sha256(held_out), "dtype": dtype,
-                                  "validation": validation.model_dump(mode="json", exclude={"budgets"}),
+                                  "validation": validation.model_dump(mode="json", exclude={"budgets", "reference"}),
                                   "top_k": TOP_K, "version": VERSION}, sort_keys=True))  # fmt: skip
     return cache_root() / "references" / key[:24]
 
@@ -155,13 +195,13 @@ def _compute(source: SourceInfo, validation: Validation, dtype: str, held_out: s
         .eval()
     )
     chunks = eval_chunks(tokenizer, held_out, validation.eval_tokens, validation.context)
-    stop_ids = _stop_ids(model, tokenizer)
+    stops = stop_ids(model.generation_config, tokenizer)
     scores = []
     with torch.inference_mode():
         for chunk in chunks:
             logits = model(torch.tensor([chunk], device=device)).logits[0, :-1].float()
             scores.append(score(torch.log_softmax(logits, -1).cpu().numpy(), chunk))
-        prompts = [_greedy_case(model, tokenizer, p, validation.max_new_tokens, stop_ids) for p in validation.prompts]
+        prompts = [_greedy_case(model, tokenizer, p, validation.max_new_tokens, stops) for p in validation.prompts]
     probe_text = held_out[:2000] + TOKENIZER_PROBE_SUFFIX
     return Reference(
         chunks=chunks,
@@ -169,7 +209,7 @@ def _compute(source: SourceInfo, validation: Validation, dtype: str, held_out: s
         prompts=prompts,
         probe_text=probe_text,
         probe_ids=tokenizer(probe_text).input_ids,
-        stop_ids=stop_ids,
+        stop_ids=stops,
         tokenizer=tokenizer,
         description={
             "runtime": f"transformers {transformers.__version__}",
@@ -214,8 +254,9 @@ def render_prompt(tokenizer, prompt: str) -> str:
     )
 
 
-def _stop_ids(model, tokenizer) -> set[int]:
-    eos = model.generation_config.eos_token_id
+def stop_ids(generation_config, tokenizer) -> set[int]:
+    """The model's end-of-sequence ids (its generation config's) and the tokenizer's."""
+    eos = generation_config.eos_token_id
     ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -2,9 +2,10 @@
 
 Each format says what one of its targets holds at its peak in each step and writes to disk (`Format.needs`), from
 the sizes here: parameters, stored bytes, the largest shard, tensor and decoder layer, and the validation settings.
-The run adds the source model's reference pass (transformers, float32, the whole model) unless it is cached, and a
-fixed overhead per process (Python, torch, the runtime's libraries), and refuses to start, in one line, when the
-largest step would not fit in the memory available now or the artifacts would not fit on the output's disk.
+The run adds the source model's reference pass unless it is cached (transformers in the recipe's dtype: the whole
+model, or one decoder layer at a time when the whole would not fit, `pipeline.reference.mode`), and a fixed overhead
+per process (Python, torch, the runtime's libraries), and refuses to start, in one line, when the largest step would
+not fit in the memory available now or the artifacts would not fit on the output's disk.
 The models behind the figures were measured (issue 18's table: a 1.09B Qwen2 in bf16): a whole model in float32 is
 4 bytes a parameter; streamed stages hold a shard or a layer at a time. Estimates err on the high side; a recipe
 that knows better sets `check_resources: false`.
@@ -81,9 +82,25 @@ def _first(config: dict, keys: tuple[str, ...]) -> int:
     return next((int(config[k]) for k in keys if config.get(k)), 0)
 
 
-def reference_memory(size: ModelSize, context: int) -> int:
-    """The source model's reference pass: the whole model in float32 and one context's logits."""
-    return size.float32 + 3 * context * size.vocab * 4
+def reference_memory(size: ModelSize, validation, dtype: str = "float32", streamed: bool = False) -> int:
+    """The source model's reference pass in `dtype` (`Recipe.dtype`; "auto": as stored). Whole: the model and one
+    context's logits (three copies: as computed, in float32, as log-probabilities). Streamed
+    (`pipeline.reference_stream`): the largest decoder layer twice in float32 (its parameters and the copy read from
+    disk; a mixture of experts once more, for the fused experts), the embedding table as stored with the output
+    projection in `dtype` and a float32 copy of it as it is read, the chunks' activations twice and one batch's
+    intermediate activations, and a slice of positions' logits (with their log-probabilities and top-k's index
+    arrays)."""
+    width = {"float32": 4, "float16": 2, "bfloat16": 2}.get(dtype, size.stored / max(size.n_params, 1))
+    if not streamed:
+        return int(size.n_params * width) + 3 * validation.context * size.vocab * 4
+    from pipeline.reference_stream import SLICE
+
+    layer = size.largest_layer * size.float32 // max(size.stored, 1)
+    table = size.vocab * size.hidden
+    tokens = max(1, validation.eval_tokens // validation.context) * validation.context
+    activations = 2 * tokens * size.hidden * 4 + 8 * validation.context * size.hidden * 4 * 12
+    return ((3 if size.experts else 2) * layer + int(table * (size.stored / max(size.n_params, 1) + width + 4))
+            + activations + 5 * SLICE * size.vocab * 4)  # fmt: skip
 
 
 def shortfalls(needs: dict[str, Needs], reference: int, memory_free: int, disk_free: int) -> list[str]:

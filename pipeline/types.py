@@ -167,6 +167,9 @@ class Validation(Strict):
     eval_tokens: int = Field(default=2048, ge=32)
     context: int = Field(default=512, ge=16)
     max_new_tokens: int = Field(default=24, ge=1)
+    # how the source model runs as the reference (pipeline.reference): whole (from_pretrained), streamed (one decoder
+    # layer at a time, for a model larger than memory), or auto: streamed when the whole would not fit
+    reference: Literal["auto", "whole", "streamed"] = "auto"
     budgets: dict[str, Budget] = Field(default_factory=dict)
 
 

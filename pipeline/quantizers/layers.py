@@ -1,4 +1,6 @@
-"""Calibration activations pushed through a checkpoint's decoder one layer at a time, for layer-wise quantizers.
+"""Activations pushed through a checkpoint's decoder one layer at a time: calibration samples for layer-wise
+quantizers (GPTQ), and the held-out chunks and prompts of a reference computed without loading the whole model
+(`pipeline.reference_stream`, which also uses `head` and the key/value caches `forward` takes).
 
 The layer objects are the checkpoint's own transformers classes, built on the `meta` device from its config and
 given real weights one layer at a time from the safetensors files, so the whole model is never in memory. Inputs are
@@ -28,6 +30,7 @@ from pipeline.archs import Experts
 from pipeline.checkpoint import Checkpoint
 
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+EMBED = "model.embed_tokens.weight"
 BATCH = 8  # samples per forward pass
 
 
@@ -129,30 +132,48 @@ class ExpertHessians:
                 "max_tokens": max(self.tokens), "topped_up": self.topped_up}  # fmt: skip
 
 
+def cache_argument(layer: torch.nn.Module) -> str:
+    """The name a decoder layer takes its key/value cache under: `cache` (transformers from 5.2x), `past_key_values`
+    (earlier; now deprecated)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
+
+
 class LayerStream:
-    def __init__(self, source, samples: list[list[int]], linears: tuple[str, ...],
+    def __init__(self, source, samples: list[list[int]], linears: tuple[str, ...] = (),
                  compute_dtype: torch.dtype | None = None, experts: Experts | None = None,
-                 expert_floor: int = 64):  # fmt: skip
+                 expert_floor: int = 64, device: str = "cpu"):  # fmt: skip
         """`samples`: token ids of equal length; `linears`: the layer's linears to collect Hessians for, in
         quantization order (the architecture row's `gptq_linears`); `experts`: where a mixture of experts keeps
-        them (the row's `gptq_experts`), each calibrated on its routed tokens, topped up below `expert_floor`."""
+        them (the row's `gptq_experts`), each calibrated on its routed tokens, topped up below `expert_floor`;
+        `device`: where layers and activations live (the reference runs on the GPU when there is one)."""
         self.order, self.experts, self.expert_floor = linears, experts, expert_floor
         self.dtype = compute_dtype or fast_dtype()
+        self.device = torch.device(device)
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+        self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(
-                config, attn_implementation="sdpa", trust_remote_code=source.trust_remote_code
+                self.config, attn_implementation="sdpa", trust_remote_code=source.trust_remote_code
             )
         self.checkpoint = Checkpoint(source.path)
-        self.n_layers = config.num_hidden_layers
-        embed = self.checkpoint.tensor("model.embed_tokens.weight").float()
-        ids = torch.tensor(samples)
-        self.hidden = [embed[ids[i : i + BATCH]].to(self.dtype) for i in range(0, len(samples), BATCH)]
-        self.position_ids = torch.arange(len(samples[0]))[None]
-        rotary = type(self.model.model.rotary_emb)(config=config)
-        self.rope = tuple(r.to(self.dtype) for r in rotary(self.hidden[0].float(), self.position_ids))
+        self.n_layers = self.config.num_hidden_layers
+        self.rotary = type(self.model.model.rotary_emb)(config=self.config).to(self.device)
+        table = self.checkpoint.tensor(EMBED)
+        self.hidden = [self.embed(table, samples[i : i + BATCH]) for i in range(0, len(samples), BATCH)]
+        self.position_ids, self.rope = self.positions(0, len(samples[0]))
+
+    def embed(self, table: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
+        """The input embeddings of `ids` (equal lengths) in the compute dtype, from the checkpoint's `table`."""
+        return table[torch.tensor(ids)].float().to(self.device, self.dtype)
+
+    def positions(self, start: int, length: int) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Position ids `start`..`start+length-1` and their rotary embeddings (cos, sin) in the compute dtype."""
+        ids = torch.arange(start, start + length, device=self.device)[None]
+        probe = torch.zeros(1, device=self.device)  # the rotary module reads only its dtype (float32) and device
+        return ids, tuple(r.to(self.dtype) for r in self.rotary(probe, ids))
 
     def other_tensors(self):
         """The checkpoint's tensors outside the decoder layers (embeddings, final norm, lm_head)."""
@@ -163,15 +184,30 @@ class LayerStream:
     def load(self, index: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """Layer `index` in the compute dtype, and its parameters in float32 as the checkpoint holds them."""
         prefix = f"model.layers.{index}."
-        layer = self.model.model.layers[index].to_empty(device="cpu")
+        layer = self.model.model.layers[index].to_empty(device=self.device)
         state = {n[len(prefix) :]: self.checkpoint.tensor(n).float() for n in self.checkpoint.names()
                  if n.startswith(prefix)}  # fmt: skip
         layer.load_state_dict(fuse_experts(state, self.experts) if self.experts else state, strict=True)
         return layer.to(self.dtype).eval(), state
 
-    def forward(self, layer: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        out = layer(hidden, attention_mask=None, position_ids=self.position_ids, position_embeddings=self.rope)
+    def forward(self, layer: torch.nn.Module, hidden: torch.Tensor, positions=None, cache=None) -> torch.Tensor:
+        """`hidden` through `layer`, at the samples' positions or at `positions` (from `positions()`); with `cache` (a
+        transformers Cache), attending to the keys and values it holds too and adding this pass's."""
+        position_ids, rope = positions or (self.position_ids, self.rope)
+        extra = {cache_argument(layer): cache, "use_cache": True} if cache is not None else {}
+        out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rope, **extra)
         return out[0] if isinstance(out, tuple) else out
+
+    def head(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The final norm and the output projection's weight (the input embeddings when tied), in the compute
+        dtype: what turns the last layer's outputs into logits."""
+        names = self.checkpoint.names()
+        norm = self.model.model.norm.to_empty(device=self.device)
+        norm.load_state_dict({n.removeprefix("model.norm."): self.checkpoint.tensor(n).float() for n in names
+                              if n.startswith("model.norm.")})  # fmt: skip
+        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in names
+        weight = self.checkpoint.tensor(EMBED if tied else "lm_head.weight").float()
+        return norm.to(self.dtype).eval(), weight.to(self.device, self.dtype)
 
     def linears(self, layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
         modules = dict(layer.named_modules())
