@@ -51,7 +51,8 @@ def test_a_run_that_will_not_fit_is_refused_before_anything_is_written(tiny_llam
     path = write_recipe(tmp_path, tiny_llama, [("gguf", "f16")])
     assert cli.main(["convert", str(path), "--no-prefect"]) == 4  # the machine cannot do it
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]  # and progress lines
-    assert len(errors) == 1 and errors[0].startswith("error: test-model: gguf/f16 validate needs about")
+    # the validate step or the reference pass before it, whichever needs more (the reference when it is not cached)
+    assert len(errors) == 1 and errors[0].startswith("error: test-model: ") and " needs about " in errors[0]
     assert "of memory, 0.5 GB is available" in errors[0] and "check_resources: false" in errors[0]
     output = load_recipe(path).output_dir()
     assert not output.exists() or not [p for p in output.iterdir() if p.name != ".weightsmith.lock"]
