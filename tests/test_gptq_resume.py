@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import logging
 import signal
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import textwrap
 
 import yaml
 
-from tests.conftest import REPO, build_artifact, write_recipe
+from tests.conftest import REPO, build_artifact, run_target, write_recipe
 
 # a real SIGKILL right after layer 2 of 4 is stored: no handler, no cleanup runs
 KILLED_AFTER_LAYER_2 = textwrap.dedent("""
@@ -37,7 +37,7 @@ def convert(*argv: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
-def test_a_killed_gptq_run_resumes_after_its_last_finished_layer_with_identical_output(tiny_model, tmp_path):
+def test_a_killed_gptq_run_resumes_after_its_last_finished_layer_with_identical_output(tiny_model, tmp_path, caplog):
     from pipeline.types import Calibration
 
     source = tiny_model("llama-4-layers")
@@ -54,19 +54,24 @@ def test_a_killed_gptq_run_resumes_after_its_last_finished_layer_with_identical_
     assert sorted(p.name for p in store.iterdir()) == kept
     assert not (root / "gptq-int4").exists()
 
-    rerun = convert("-m", "pipeline.cli", "convert", "--no-prefect", str(path))
-    log = rerun.stdout + rerun.stderr
-    assert rerun.returncode == 0, log
-    assert "gptq: resuming after layer 2/4" in log
-    assert "gptq: layer 3/4" in log and "gptq: layer 2/4" not in log  # layers 1 and 2 are not redone
-    manifest = json.loads((root / "gptq-int4" / "manifest.json").read_text())
-    assert manifest["status"] == "ok" and [e["layer"] for e in manifest["build"]["layers"]] == [0, 1, 2, 3]
+    from pipeline.convert import prepare
+    from pipeline.recipe import load_recipe
+    from pipeline.types import Status, Step
+
+    recipe = load_recipe(path)  # the rerun's build step, as `weightsmith convert` runs it (its validation: test_gptq)
+    with caplog.at_level(logging.INFO, logger="weightsmith"):
+        manifest = run_target(recipe, prepare(recipe), "gptq/int4", steps={Step.BUILD})
+    assert manifest.status == Status.BUILT, manifest.reason
+    assert "gptq: resuming after layer 2/4" in caplog.text
+    assert "gptq: layer 3/4" in caplog.text and "gptq: layer 2/4" not in caplog.text  # layers 1 and 2 not redone
+    assert [e["layer"] for e in manifest.build["layers"]] == [0, 1, 2, 3]
     assert not store.exists()  # removed once the checkpoint was complete
+    rebuilt = root / ".gptq-int4.candidate" / "model.safetensors"
 
     whole = tmp_path / "uninterrupted"
     whole.mkdir()
     build_artifact(source, ("gptq", "int4", OPTIONS), whole, calibration=Calibration(**CALIBRATION))
-    assert (whole / "model.safetensors").read_bytes() == (root / "gptq-int4" / "model.safetensors").read_bytes()
+    assert (whole / "model.safetensors").read_bytes() == rebuilt.read_bytes()
 
 
 def test_finished_layers_from_other_inputs_are_not_reused(tmp_path):
