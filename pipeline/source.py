@@ -54,15 +54,26 @@ def resolve_source(spec: SourceSpec, *, allow_pickle: bool = False, trust_remote
                               trust_remote_code=trust_remote_code, name=name)  # fmt: skip
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files a sharded checkpoint's index names (else every safetensors file): hub repos often
+    carry other copies of the weights (Mistral's `consolidated.safetensors`, `original/` folders) that would double
+    the download. snapshot_download resumes what an interrupted download left and skips complete files."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    return ["*.safetensors"]
+
+
 def _download(repo_id: str, revision: str | None, allow_pickle: bool) -> Path:
     from huggingface_hub import errors as hf_errors
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
+    patterns = ["*.json", "*.jinja", "tokenizer.model", "*.txt", "*.tiktoken"]
     if allow_pickle:
         patterns += [f"*{s}" for s in PICKLE_SUFFIXES]
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns + weight_files(folder)))
     except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled) as exc:
         raise SourceError(
             f"source {repo_id!r}: cannot download from the Hugging Face hub: offline and not in the local hub cache "

@@ -106,3 +106,24 @@ def test_checkpoint_reads_every_tensor_exactly(smollm2_dir, tiny_llama):
             got = checkpoint.tensor(name)
             assert got.dtype == tensor.dtype and checkpoint.shape(name) == tuple(tensor.shape)
             assert torch.equal(got, tensor), name
+
+
+def test_a_hub_download_fetches_only_the_weight_files_the_index_names(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pipeline.source import _download
+
+    calls = []
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=()):
+        calls.append(list(allow_patterns))
+        index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors",
+                                "c": "model-00002-of-00002.safetensors"}}  # fmt: skip
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert _download("mistralai/Some-Model", None, allow_pickle=False) == tmp_path
+    assert not any("safetensors" in p for p in calls[0])  # configs and tokenizer first
+    weights = [p for p in calls[1] if "safetensors" in p]
+    assert weights == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]  # no consolidated.*
