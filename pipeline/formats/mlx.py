@@ -102,7 +102,7 @@ class MLX(Format):
             if config.get(key, value) != value:
                 raise FormatError(f"MLX: mlx-lm's {module} assumes {key}: {value!r}, this checkpoint has "
                                   f"{config[key]!r}")  # fmt: skip
-        if importlib.util.find_spec("mlx_lm") and not importlib.util.find_spec(f"mlx_lm.models.{module}"):
+        if importlib.util.find_spec("mlx_lm") and not importlib.util.find_spec(f"mlx_lm.models.{loaded_as(module)}"):
             raise FormatError(f"MLX: the installed mlx-lm {package_version('mlx-lm')} has no module for "
                               f"{module!r}: upgrade mlx-lm")  # fmt: skip
         if self.quant not in FLOATS:
@@ -179,6 +179,13 @@ class MLX(Format):
 def mlx_module(model_type: str) -> str:
     """The mlx-lm module (its `model_type`) that loads a checkpoint of `model_type`."""
     return arch(model_type).mlx_module or family(model_type)
+
+
+def loaded_as(module: str) -> str:
+    """The module file mlx-lm loads for model type `module`: mlx-lm maps some onto another (mistral onto llama)."""
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    return MODEL_REMAPPING.get(module, module)
 
 
 def mlx_view(source: Path, shadow: Path, model_type: str) -> Path:
