@@ -179,15 +179,16 @@ ARCHS: dict[str, Arch] = {
         trtllm_torch=True,
         features=("fused qkv", "fused gate/up"),
     ),
-    "olmo2": Arch(gguf="OLMO2", mlx=True, features=("q/k norm", "post-norm")),
+    "olmo2": Arch(
+        gguf="OLMO2", mlx=True, gptq_linears=DENSE_LINEARS, onnx_export=True, features=("q/k norm", "post-norm")
+    ),
     # llama.cpp's smollm3 leaves out rope on every 4th layer, as SmolLM3's default config does
     "smollm3": Arch(
         **{
             **LLAMA.__dict__,
             "gguf": "SMOLLM3",
             "gguf_requires": {"no_rope_layer_interval": 4},
-            "gptq_linears": (),
-            "onnx_export": False,
+            "onnx_export": True,
             "onnx_genai": False,
             "trtllm": None,
             "trtllm_torch": False,
@@ -228,6 +229,7 @@ ARCHS: dict[str, Arch] = {
         },
         permute_qk=True,
         mlx=True,
+        onnx_export=True,
         features=("multipliers",),
     ),
     # the other families of late 2026: known, not converted yet (every target refused, naming the architecture)

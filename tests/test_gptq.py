@@ -252,3 +252,20 @@ def test_a_refused_stack_gets_no_handoff_file_and_the_manifest_says_why(build):
     assert json.loads(files["xinference.json"])["model_specs"][0]["model_size_in_billions"] == "0_135"
     card = model_card(manifest, files, "transformers")
     assert "## Not for" in card and "- vllm: vLLM's GPTQ loader takes 4-bit" in card
+
+
+@pytest.mark.parametrize("model", ["olmo2", "smollm3"])
+def test_dense_variants_quantize_and_load_in_transformers(build, model):
+    """OLMo 2 (q/k norms over whole projections, norms after each block) and SmolLM3 (no rope on every 4th layer):
+    the same linears as Llama, so the same layer stream; transformers loads the artifact and agrees with ours."""
+    from pipeline.runtimes.transformers import _dequantized_runtime
+
+    cpu_workers()
+    folder, facts, _ = build(model=model, group_size=32)
+    linears = [e for layer in facts["layers"] for e in layer["errors"].values()]
+    assert len(linears) == len(facts["layers"]) * 7 and all(e["gptq"] < e["rtn"] for e in linears), linears
+    ids = list(range(100, 140))
+    ours, runtime = _dequantized_runtime(folder).logits(ids), open_gptq(folder)
+    assert runtime.description["validated_by"].startswith("transformers")
+    theirs = runtime.logits(ids)
+    assert cosine(theirs, ours).min() > 0.9999 and (theirs.argmax(-1) == ours.argmax(-1)).all()

@@ -18,7 +18,7 @@ from pipeline.types import InputError, Validation
 VALIDATION = Validation(eval_tokens=400, context=200, max_new_tokens=8)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "olmo2", "smollm3"])
 def test_streamed_and_whole_references_agree(tiny_model, name):
     from pipeline.corpus import load_text
 
