@@ -77,6 +77,10 @@ class Arch:
     norm_offset: float = 0.0  # RMSNorm weights stored as an offset from 1 (Gemma)
     gguf_skip: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not read (a tied lm_head ...)
     gguf_requires: dict[str, Any] = field(default_factory=dict)  # config values llama.cpp's architecture assumes
+    gguf_refused: str = ""  # why a known architecture has no GGUF yet (the refusal says it)
+    gguf_checks: tuple[str, ...] = ()  # named checks of `gguf_arch.CHECKS`, for what one config value cannot say
+    gguf_transforms: tuple[str, ...] = ()  # named tensor transforms of `gguf_arch.TRANSFORMS` (splits, reorders)
+    norm_offset_except: tuple[str, ...] = ()  # GGUF norms that hold their weight as is although `norm_offset` is set
     mlx: bool = False  # mlx-lm's module for this model_type loads the checkpoint as transformers saves it
     gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
     gptq_experts: Experts | None = None  # a mixture of experts: every expert's linears quantized too
@@ -204,15 +208,113 @@ ARCHS: dict[str, Arch] = {
         mlx=True,
         features=("multipliers",),
     ),
-    # the other families of late 2026: known, not converted yet (every target refused, naming the architecture)
-    "qwen3_5": Arch(features=("hybrid: Gated DeltaNet + full attention",)),
-    "qwen3_5_moe": Arch(moe=True, features=("hybrid: Gated DeltaNet + full attention",)),
-    "qwen3_next": Arch(moe=True, features=("hybrid: Gated DeltaNet + full attention", "shared expert")),
-    "gemma3_text": Arch(features=("sliding/global attention", "two rope bases")),
-    "gemma4_text": Arch(features=("per-layer embeddings",)),
-    "gpt_oss": Arch(moe=True, features=("attention sinks", "MXFP4 experts")),
-    "deepseek_v3": Arch(moe=True, features=("multi-head latent attention", "shared experts")),
-    "llama4_text": Arch(moe=True, features=("MoE and dense layers", "chunked attention")),
+    # the other families of late 2026: rows without a format are known and refused by every target, naming them
+    "qwen3_5": Arch(
+        gguf_refused="the multimodal checkpoint (text_config, language_model.* tensors) is not unpacked yet; its "
+        "language model saved alone (model_type qwen3_5_text) converts",
+        features=("hybrid: Gated DeltaNet + full attention",),
+    ),
+    # Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
+    # gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
+    "qwen3_5_text": Arch(
+        gguf="QWEN35",
+        gguf_hparams={
+            "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
+            "add_ssm_state_size": ("linear_key_head_dim",),
+            "add_ssm_group_count": ("linear_num_key_heads",),
+            "add_ssm_time_step_rank": ("linear_num_value_heads",),
+            "add_ssm_inner_size": ("ssm_inner_size",),
+            "add_full_attention_interval": ("full_attention_interval", 4),
+            "add_rope_dimension_count": ("rope_dimensions",),
+            "add_rope_dimension_sections": ("mrope_sections",),
+        },
+        norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
+        norm_offset_except=("ssm_norm.weight",),
+        gguf_checks=("qwen35_layers",),
+        gguf_transforms=("gated_deltanet",),
+        features=("hybrid: Gated DeltaNet + full attention",),
+    ),
+    "qwen3_5_moe": Arch(
+        gguf_refused="not converted yet: its fused experts and shared expert are not mapped to llama.cpp's qwen35moe",
+        moe=True,
+        features=("hybrid: Gated DeltaNet + full attention",),
+    ),
+    "qwen3_next": Arch(
+        gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
+        moe=True,
+        features=("hybrid: Gated DeltaNet + full attention", "shared expert"),
+    ),
+    # Gemma 3: sliding and global layers (the checkpoint's `layer_types`, written per layer), two rope bases, q/k norms
+    "gemma3_text": Arch(
+        gguf="GEMMA3",
+        gguf_hparams={
+            "add_rope_freq_base_swa": ("rope_theta_swa",),
+            "add_final_logit_softcapping": ("final_logit_softcapping",),
+            "add_sliding_window": ("sliding_window",),
+            "add_sliding_window_pattern": ("sliding_layers",),
+        },
+        norm_offset=1.0,
+        gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
+        gguf_requires={"attn_logit_softcapping": None, "use_bidirectional_attention": False},
+        gguf_checks=("gemma3_attention_scale",),
+        features=("sliding/global attention", "two rope bases"),
+    ),
+    "gemma4_text": Arch(
+        gguf_refused="not converted yet: per-layer embeddings and llama.cpp's gemma4 metadata are not mapped, and "
+        "llama.cpp's converter reads Gemma's own tokenizer",
+        features=("per-layer embeddings",),
+    ),
+    # llama.cpp's gpt-oss: experts fused and gate/up interleaved in the checkpoint, split and transposed on the way;
+    # its SwiGLU clamps at 7, as the released models do
+    "gpt_oss": Arch(
+        gguf="GPT_OSS",
+        gguf_hparams={
+            "add_sliding_window": ("sliding_window",),
+            "add_sliding_window_pattern": ("sliding_layers",),
+            "add_expert_feed_forward_length": ("intermediate_size",),
+        },
+        gguf_requires={"swiglu_limit": 7.0},
+        gguf_transforms=("gpt_oss_experts", "attention_sinks"),
+        moe=True,
+        features=("attention sinks", "MXFP4 experts"),
+    ),  # fmt: skip
+    # llama.cpp's deepseek2: multi-head latent attention as MQA over the latent (kv_b split into k_b and v_b),
+    # sigmoid routing with a score-correction bias, shared experts, the first layers dense
+    "deepseek_v3": Arch(
+        gguf="DEEPSEEK2",
+        gguf_hparams={
+            "add_head_count_kv": (1,),
+            "add_key_length": ("mla_key_length",),
+            "add_value_length": ("kv_lora_rank",),
+            "add_key_length_mla": ("mla_key_length_mha",),
+            "add_value_length_mla": ("v_head_dim",),
+            "add_leading_dense_block_count": ("first_k_dense_replace", 0),
+            "add_vocab_size": ("vocab_size",),
+            "add_q_lora_rank": ("q_lora_rank",),
+            "add_kv_lora_rank": ("kv_lora_rank",),
+            "add_expert_feed_forward_length": ("moe_intermediate_size",),
+            "add_expert_shared_count": ("n_shared_experts", 0),
+            "add_expert_weights_scale": ("routed_scaling_factor",),
+            "add_expert_weights_norm": ("norm_topk_prob_if_set",),
+            "add_expert_gating_func": (
+                "sigmoid_routing",
+            ),  # transformers' DeepSeek-V3 router, whatever the config says
+            "add_expert_group_count": ("n_group",),
+            "add_expert_group_used_count": ("topk_group",),
+            "add_rope_dimension_count": ("qk_rope_head_dim",),
+            "add_rope_scaling_yarn_log_mul": ("deepseek_yarn_log_mul",),
+        },
+        gguf_requires={"rope_interleave": True},  # q/k rope dims stored interleaved, as llama.cpp rotates them
+        gguf_transforms=("mla_kv_b_split",),
+        moe=True,
+        features=("multi-head latent attention", "shared experts"),
+    ),
+    "llama4_text": Arch(
+        gguf_refused="llama.cpp (llama-cpp-python 0.3.36) aborts evaluating a converted tiny llama4 (`tensor buffer "
+        "not set`), so a file could not be validated",
+        moe=True,
+        features=("MoE and dense layers", "chunked attention"),
+    ),
 }
 
 

@@ -84,6 +84,76 @@ TINY_CONFIGS = {
         tie_word_embeddings=False,
         pad_token_id=0,
     ),
+    # the 2026 families (GGUF): hidden and intermediate sizes multiples of 256, so that llama.cpp's K-quants apply
+    "gemma3_text": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=16,  # shorter than the test prompts: the window matters
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+    ),
+    # first layer dense, then 4 routed experts (2 per token) and a shared one; q and kv through their low-rank paths
+    "deepseek_v3": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_key_value_heads=4,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=256,
+        kv_lora_rank=256,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    # three Gated DeltaNet layers and one full-attention layer; 4 value heads over 2 key heads (llama.cpp tiles them)
+    "qwen3_5_text": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    "gpt_oss": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=256,
+        head_dim=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=131072,  # gpt-oss's YaRN: 32 x 4096
+        sliding_window=16,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
 }
 
 
@@ -116,7 +186,7 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them count in the tests
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith("bias"):  # also DeepSeek's e_score_correction_bias, gpt-oss's *_bias
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES + ("tokenizer.model",):
@@ -138,6 +208,10 @@ TINY_MODELS = {
     "qwen3_moe": ("qwen3_moe", {}),
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
+    "gemma3_text": ("gemma3_text", {}),
+    "deepseek_v3": ("deepseek_v3", {}),
+    "gpt_oss": ("gpt_oss", {}),
+    "qwen3_5_text": ("qwen3_5_text", {}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),
