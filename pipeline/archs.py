@@ -231,7 +231,7 @@ ARCHS: dict[str, Arch] = {
         norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
         norm_offset_except=("ssm_norm.weight",),
         gguf_checks=("qwen35_layers",),
-        gguf_transforms=("gated_deltanet",),
+        gguf_transforms=("no_mtp", "gated_deltanet"),
         features=("hybrid: Gated DeltaNet + full attention",),
     ),
     "qwen3_5_moe": Arch(
@@ -305,7 +305,7 @@ ARCHS: dict[str, Arch] = {
             "add_rope_scaling_yarn_log_mul": ("deepseek_yarn_log_mul",),
         },
         gguf_requires={"rope_interleave": True},  # q/k rope dims stored interleaved, as llama.cpp rotates them
-        gguf_transforms=("mla_kv_b_split",),
+        gguf_transforms=("no_mtp", "mla_kv_b_split"),
         moe=True,
         features=("multi-head latent attention", "shared experts"),
     ),

@@ -164,12 +164,44 @@ def test_gpt_oss_experts_are_deinterleaved_and_transposed(build, tiny_model):
     assert "blk.0.attn_sinks.weight" in tensors
 
 
+def test_mtp_layers_are_left_out_as_llama_cpp_converter_does(build, tiny_model, tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers; llama.cpp's deepseek2 file
+    has none (its converter skips it)."""
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.formats.gguf import plan_tensors
+    from pipeline.formats.gguf_arch import architecture
+
+    source = edited(tiny_model("deepseek_v3"), tmp_path)
+    tensors = load_file(source.path / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(256, 512)
+    save_file(tensors, source.path / "model.safetensors", metadata={"format": "pt"})
+    config = source.config()
+    Format.for_target(Target(format="gguf", quant="f16")).check(source)
+    plan = plan_tensors(Checkpoint(source.path), architecture("deepseek_v3", config), config, "f16")
+    built = {t.name for t in gguf.GGUFReader(build("deepseek_v3", "f16")[0]).tensors}
+    assert {p.gguf_name for p in plan} == built and not any(name.startswith("blk.2.") for name in built)
+
+
 def edited(folder, tmp_path, **changes):
     copy = tmp_path / "edited"
     shutil.copytree(folder, copy)
     config = json.loads((copy / "config.json").read_text())
     (copy / "config.json").write_text(json.dumps({**config, **changes}))
     return inspect_checkpoint(copy)
+
+
+def test_mxfp4_packed_gpt_oss_experts_are_refused(tiny_model, tmp_path):
+    """The released gpt-oss checkpoints keep their experts MXFP4-packed (`*_blocks`, `*_scales`): refused by name."""
+    from safetensors.torch import save_file
+
+    source = edited(tiny_model("gpt_oss"), tmp_path)
+    tensors = load_file(source.path / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.down_proj_blocks"] = tensors.pop("model.layers.0.mlp.experts.down_proj")
+    save_file(tensors, source.path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"down_proj_blocks is an MXFP4-packed expert tensor"):
+        Format.for_target(Target(format="gguf", quant="f16")).check(source)
 
 
 @pytest.mark.parametrize(

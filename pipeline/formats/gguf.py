@@ -286,6 +286,9 @@ class GGUF(Format):
         check_config(arch, config)
         if self.options.imatrix and arch.row.moe:
             raise FormatError("GGUF: the importance matrix is not collected for mixture-of-experts models yet")
+        if self.options.imatrix and arch.row.gguf_transforms:
+            raise FormatError(f"GGUF: the importance matrix is not carried through {source.model_type}'s tensor "
+                              f"transforms ({', '.join(arch.row.gguf_transforms)}) yet")  # fmt: skip
         plan_tensors(Checkpoint(source.path), arch, config, "f16")
         load_vocab(source.path, config["vocab_size"])
 

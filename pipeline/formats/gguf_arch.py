@@ -65,11 +65,9 @@ class Architecture:
 def architecture(model_type: str, config: dict) -> Architecture:
     row = arch(model_type)
     if row.gguf is None:
-        why = (
-            (row.gguf_refused or "not converted to GGUF yet")
-            if model_type in ARCHS
-            else "not in weightsmith's architecture table"
-        )
+        why = row.gguf_refused or "not converted to GGUF yet"
+        if model_type not in ARCHS:
+            why = "not in weightsmith's architecture table"
         raise FormatError(f"GGUF does not support architecture {model_type!r}: {why} (supported: "
                           f"{', '.join(supported('gguf'))})")  # fmt: skip
     return Architecture(model_type, row, config["num_hidden_layers"])
@@ -93,7 +91,6 @@ def rope(config: dict) -> dict:
     settings = {"rope_theta": config.get("rope_theta"), **(config.get("rope_scaling") or {})}
     parameters = config.get("rope_parameters") or {}
     settings.update(parameters.get("full_attention", parameters))  # per layer kind (Gemma 3): the global layers'
-
     kind = settings.get("rope_type", settings.get("type")) or "default"
     if kind not in SUPPORTED_ROPE:
         raise FormatError(
@@ -227,6 +224,11 @@ def _gpt_oss_experts(name: str, config: dict):
     base, _, part = name.rpartition(".")
     if not base.endswith(".mlp.experts"):
         return None
+    if part.endswith(("_blocks", "_scales")):
+        raise FormatError(
+            f"GGUF: {name} is an MXFP4-packed expert tensor, not repacked for llama.cpp here; load the checkpoint "
+            f"dequantized (transformers' Mxfp4Config(dequantize=True)) and save it first"
+        )
     if part == "gate_up_proj":
         return [(f"{base}.gate_proj.weight", lambda t: t.transpose(-1, -2)[:, ::2]),
                 (f"{base}.up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]  # fmt: skip
@@ -283,8 +285,19 @@ def _gated_deltanet(name: str, config: dict):
     return [forms[last]] if last in forms else None
 
 
+def _no_mtp(name: str, config: dict):
+    """Multi-token-prediction layers (DeepSeek's layers past num_hidden_layers, Qwen's `mtp.*`) left out, as llama.cpp's
+    converter leaves them for these architectures (--no-mtp)."""
+    if name.startswith(("mtp.", "model.mtp.")):
+        return []
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) >= config["num_hidden_layers"]:
+        return []
+    return None
+
+
 TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split, "gpt_oss_experts": _gpt_oss_experts,
-              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet}  # fmt: skip
+              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet, "no_mtp": _no_mtp}  # fmt: skip
 
 
 def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
