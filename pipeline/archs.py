@@ -108,6 +108,27 @@ LLAMA = Arch(
     trtllm_torch=True,
 )
 
+# Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
+# gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
+QWEN35_TEXT = Arch(
+    gguf="QWEN35",
+    gguf_hparams={
+        "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
+        "add_ssm_state_size": ("linear_key_head_dim",),
+        "add_ssm_group_count": ("linear_num_key_heads",),
+        "add_ssm_time_step_rank": ("linear_num_value_heads",),
+        "add_ssm_inner_size": ("ssm_inner_size",),
+        "add_full_attention_interval": ("full_attention_interval", 4),
+        "add_rope_dimension_count": ("rope_dimensions",),
+        "add_rope_dimension_sections": ("mrope_sections",),
+    },
+    norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
+    norm_offset_except=("ssm_norm.weight",),
+    gguf_checks=("qwen35_layers",),
+    gguf_transforms=("no_mtp", "gated_deltanet"),
+    features=("hybrid: Gated DeltaNet + full attention",),
+)
+
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": Arch(**{**LLAMA.__dict__, "trtllm": None}),  # llama.cpp runs Mistral (dense) as llama
@@ -214,28 +235,23 @@ ARCHS: dict[str, Arch] = {
         "language model saved alone (model_type qwen3_5_text) converts",
         features=("hybrid: Gated DeltaNet + full attention",),
     ),
-    # Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
-    # gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
-    "qwen3_5_text": Arch(
-        gguf="QWEN35",
-        gguf_hparams={
-            "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
-            "add_ssm_state_size": ("linear_key_head_dim",),
-            "add_ssm_group_count": ("linear_num_key_heads",),
-            "add_ssm_time_step_rank": ("linear_num_value_heads",),
-            "add_ssm_inner_size": ("ssm_inner_size",),
-            "add_full_attention_interval": ("full_attention_interval", 4),
-            "add_rope_dimension_count": ("rope_dimensions",),
-            "add_rope_dimension_sections": ("mrope_sections",),
-        },
-        norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
-        norm_offset_except=("ssm_norm.weight",),
-        gguf_checks=("qwen35_layers",),
-        gguf_transforms=("no_mtp", "gated_deltanet"),
-        features=("hybrid: Gated DeltaNet + full attention",),
-    ),
+    "qwen3_5_text": QWEN35_TEXT,
+    # its mixture-of-experts sibling: every layer sparse, with a gated shared expert (llama.cpp's qwen35moe)
+    "qwen3_5_moe_text": Arch(
+        **{
+            **QWEN35_TEXT.__dict__,
+            "gguf": "QWEN35MOE",
+            "gguf_hparams": {
+                **QWEN35_TEXT.gguf_hparams,
+                "add_expert_feed_forward_length": ("moe_intermediate_size",),
+                "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
+            },
+            "moe": True,
+        }
+    ),  # fmt: skip
     "qwen3_5_moe": Arch(
-        gguf_refused="not converted yet: its fused experts and shared expert are not mapped to llama.cpp's qwen35moe",
+        gguf_refused="the multimodal checkpoint (text_config, language_model.* tensors) is not unpacked yet; its "
+        "language model saved alone (model_type qwen3_5_moe_text) converts",
         moe=True,
         features=("hybrid: Gated DeltaNet + full attention",),
     ),

