@@ -129,6 +129,20 @@ QWEN35_TEXT = Arch(
     features=("hybrid: Gated DeltaNet + full attention",),
 )
 
+# its mixture-of-experts sibling: every layer sparse, with a gated shared expert (llama.cpp's qwen35moe)
+QWEN35_MOE_TEXT = Arch(
+    **{
+        **QWEN35_TEXT.__dict__,
+        "gguf": "QWEN35MOE",
+        "gguf_hparams": {
+            **QWEN35_TEXT.gguf_hparams,
+            "add_expert_feed_forward_length": ("moe_intermediate_size",),
+            "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
+        },
+        "moe": True,
+    }
+)
+
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": Arch(**{**LLAMA.__dict__, "trtllm": None}),  # llama.cpp runs Mistral (dense) as llama
@@ -229,32 +243,12 @@ ARCHS: dict[str, Arch] = {
         mlx=True,
         features=("multipliers",),
     ),
-    # the other families of late 2026: rows without a format are known and refused by every target, naming them
-    "qwen3_5": Arch(
-        gguf_refused="the multimodal checkpoint (text_config, language_model.* tensors) is not unpacked yet; its "
-        "language model saved alone (model_type qwen3_5_text) converts",
-        features=("hybrid: Gated DeltaNet + full attention",),
-    ),
+    # the families of late 2026 (a row without a format is known, and refused by every target with its reason).
+    # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
+    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
     "qwen3_5_text": QWEN35_TEXT,
-    # its mixture-of-experts sibling: every layer sparse, with a gated shared expert (llama.cpp's qwen35moe)
-    "qwen3_5_moe_text": Arch(
-        **{
-            **QWEN35_TEXT.__dict__,
-            "gguf": "QWEN35MOE",
-            "gguf_hparams": {
-                **QWEN35_TEXT.gguf_hparams,
-                "add_expert_feed_forward_length": ("moe_intermediate_size",),
-                "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
-            },
-            "moe": True,
-        }
-    ),  # fmt: skip
-    "qwen3_5_moe": Arch(
-        gguf_refused="the multimodal checkpoint (text_config, language_model.* tensors) is not unpacked yet; its "
-        "language model saved alone (model_type qwen3_5_moe_text) converts",
-        moe=True,
-        features=("hybrid: Gated DeltaNet + full attention",),
-    ),
+    "qwen3_5_moe_text": QWEN35_MOE_TEXT,
+    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
     "qwen3_next": Arch(
         gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
         moe=True,

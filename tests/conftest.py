@@ -141,6 +141,12 @@ TINY_CONFIGS = {
         tie_word_embeddings=False,
         initializer_range=0.05,
     ),
+    # the released form: the language model above inside a multimodal checkpoint, with a one-block vision tower
+    "qwen3_5": dict(
+        text_config=None,  # filled in below, from qwen3_5_text
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        tie_word_embeddings=False,
+    ),
     "qwen3_5_moe_text": dict(
         SMALL,
         hidden_size=256,
@@ -157,6 +163,11 @@ TINY_CONFIGS = {
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         initializer_range=0.05,
+    ),
+    "qwen3_5_moe": dict(
+        text_config=None,  # filled in below, from qwen3_5_moe_text
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        tie_word_embeddings=False,
     ),
     "gpt_oss": dict(
         SMALL,
@@ -192,15 +203,18 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
     )
     vocab_size = overrides.pop("vocab_size", tokenizer_config.get("vocab_size", 49152))
     settings = {**TINY_CONFIGS[model_type], **overrides}
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        bos_token_id=tokenizer_config.get("bos_token_id", 1),
-        eos_token_id=tokenizer_config.get("eos_token_id", 2),
-        **settings,
-    )
+    tokens = dict(vocab_size=vocab_size, bos_token_id=tokenizer_config.get("bos_token_id", 1),
+                  eos_token_id=tokenizer_config.get("eos_token_id", 2))  # fmt: skip
+    if "vision_config" in settings:  # a multimodal checkpoint (its language model under text_config), saved whole
+        from transformers import AutoModelForImageTextToText as model_class
+
+        settings["text_config"] = {**settings["text_config"], **tokens}
+    else:
+        model_class = AutoModelForCausalLM
+        settings.update(tokens)
+    config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them count in the tests
         for name, param in model.named_parameters():
             if "norm" in name or name.endswith("bias"):  # also DeepSeek's e_score_correction_bias, gpt-oss's *_bias
@@ -211,6 +225,9 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
             shutil.copy(tokenizer_dir / name, folder / name)
     return folder
 
+
+TINY_CONFIGS["qwen3_5"]["text_config"] = TINY_CONFIGS["qwen3_5_text"]
+TINY_CONFIGS["qwen3_5_moe"]["text_config"] = TINY_CONFIGS["qwen3_5_moe_text"]
 
 # name -> (model_type, config overrides): the tiny checkpoints tests can ask for by name.
 TINY_MODELS = {
@@ -230,6 +247,8 @@ TINY_MODELS = {
     "gpt_oss": ("gpt_oss", {}),
     "qwen3_5_text": ("qwen3_5_text", {}),
     "qwen3_5_moe_text": ("qwen3_5_moe_text", {}),
+    "qwen3_5": ("qwen3_5", {}),
+    "qwen3_5_moe": ("qwen3_5_moe", {}),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),

@@ -29,6 +29,8 @@ from tests.conftest import build_artifact
 # model_type -> llama.cpp's architecture
 ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35",
          "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
+# the released Qwen 3.5 form: the same language models inside multimodal checkpoints (vision tower left out)
+MULTIMODAL = {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
         "once or twice she had peeped into the book her sister was reading.")  # fmt: skip
 _BUILT: dict = {}
@@ -78,15 +80,18 @@ def kl(reference: np.ndarray, other: np.ndarray) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-@pytest.mark.parametrize("model", ARCHS)
+@pytest.mark.parametrize("model", [*ARCHS, *MULTIMODAL])
 def test_f16_logits_match_transformers(build, reference, model):
     ids, want = reference(model)
     assert len(ids) > 32  # longer than the sliding windows
     got = llama_cpp_logits(build(model, "f16")[0], ids)
     delta = np.abs(got - want).max()
     print(f"{model}: max |delta logit| {delta:.4f} (logits up to {np.abs(want).max():.2f})")
-    assert delta < 1e-2 * np.abs(want).max(), delta
-    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.95
+    bound = 1e-2 * np.abs(want).max()
+    assert delta < bound, delta
+    top2 = np.sort(want, -1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * bound  # where F16 rounding cannot swap transformers' top two tokens
+    assert decided.mean() > 0.5 and (got.argmax(-1) == want.argmax(-1))[decided].all()
     assert want.std(-1).mean() > 0.5  # far from uniform: the comparison means something
 
 
@@ -101,7 +106,7 @@ def test_q4_k_m_stays_close_to_transformers(build, reference, model):
     assert divergence < 0.25  # measured 0.02-0.04, 0.10-0.17 with the Gated DeltaNet; layouts are checked at F16
 
 
-@pytest.mark.parametrize("model,arch", ARCHS.items())
+@pytest.mark.parametrize("model,arch", [*ARCHS.items(), *MULTIMODAL.items()])
 def test_every_tensor_is_one_llama_cpp_reads(build, model, arch):
     reader = gguf.GGUFReader(build(model, "f16")[0])
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[archs.arch(model).gguf]]}
@@ -217,7 +222,7 @@ def test_configs_llama_cpp_would_compute_differently_are_refused(tiny_model, tmp
         Format.for_target(Target(format="gguf", quant="f16")).check(edited(tiny_model(model), tmp_path, **changes))
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_5", "qwen3_5_moe", "qwen3_next", "gemma4_text", "llama4_text"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "gemma4_text", "llama4_text"])
 def test_families_not_converted_yet_are_refused_with_their_reason(tiny_model, tmp_path, model_type):
     source = edited(tiny_model("llama"), tmp_path, model_type=model_type)
     why = re.escape(archs.arch(model_type).gguf_refused)

@@ -40,7 +40,15 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.formats import gguf_quantize
 from pipeline.formats.base import BuildContext, Format, Progress, missing_modules, parse_size
 from pipeline.formats.base import Options as BaseOptions
-from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, check_config, extra_tensors, permute_qk
+from pipeline.formats.gguf_arch import (
+    Architecture,
+    add_hparams,
+    architecture,
+    check_config,
+    extra_tensors,
+    permute_qk,
+    text_config,
+)
 from pipeline.formats.gguf_arch import pieces as tensor_pieces
 from pipeline.formats.gguf_arch import tensor_name as gguf_tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
@@ -195,7 +203,7 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
 def write_direct(source: SourceInfo, quant: str, path: Path, split_max_size: int | None,
                  progress: Progress | None):  # fmt: skip
     """Stream the checkpoint into a GGUF file (or shards) with the tensor types of `quant`; return (plan, vocab)."""
-    config = source.config()
+    config = text_config(source.config())
     arch = architecture(source.model_type, config)
     vocab = load_vocab(source.path, config["vocab_size"])
     checkpoint = Checkpoint(source.path)
@@ -281,7 +289,7 @@ class GGUF(Format):
 
     def check(self, source: SourceInfo) -> None:
         """Unsupported architecture, rope scaling, tensor or tokenizer: refused before anything is written."""
-        config = source.config()
+        config = text_config(source.config())
         arch = architecture(source.model_type, config)
         check_config(arch, config)
         if self.options.imatrix and arch.row.moe:
@@ -294,7 +302,7 @@ class GGUF(Format):
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         stem = f"{ctx.name}-{self.quant.upper()}"
-        config = source.config()
+        config = text_config(source.config())
         arch = architecture(source.model_type, config)
         if self.quant in DIRECT:
             plan, vocab = write_direct(source, self.quant, out_dir / f"{stem}.gguf", self.options.split_max_size,

@@ -73,9 +73,17 @@ def architecture(model_type: str, config: dict) -> Architecture:
     return Architecture(model_type, row, config["num_hidden_layers"])
 
 
+def text_config(config: dict) -> dict:
+    """The language model's settings: a multimodal checkpoint's `text_config` over its top level, as llama.cpp's
+    converter reads them."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+
 def tensor_name(arch: Architecture, hf_name: str) -> str | None:
-    """The llama.cpp name of a Hugging Face tensor, None for tensors llama.cpp does not use; FormatError if unknown."""
-    if hf_name.endswith(IGNORED) or hf_name in arch.row.gguf_skip:
+    """The llama.cpp name of a Hugging Face tensor, None for tensors llama.cpp does not use; FormatError if unknown.
+    A `gguf_skip` entry ending in "." skips every tensor under that prefix (a vision tower)."""
+    skipped = arch.row.gguf_skip
+    if hf_name.endswith(IGNORED) or hf_name in skipped or hf_name.startswith(tuple(p for p in skipped if p[-1] == ".")):
         return None
     hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # DeepSeek's router bias
     name = arch.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
@@ -302,7 +310,8 @@ TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split, "gpt_oss_experts": _gpt_oss_exp
 
 def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
     """A checkpoint tensor as the (name, function or None) pieces to map and write: itself unless a transform of
-    the row takes it."""
+    the row takes it. A multimodal checkpoint's `language_model.` level is dropped first, as the converter does."""
+    name = name.replace("language_model.", "")
     for transform in arch.row.gguf_transforms:
         found = TRANSFORMS[transform](name, config)
         if found is not None:
