@@ -98,6 +98,10 @@ class Arch:
     norm_offset: float = 0.0  # RMSNorm weights stored as an offset from 1 (Gemma)
     gguf_skip: tuple[str, ...] = ()  # checkpoint tensors llama.cpp does not read (a tied lm_head ...)
     gguf_requires: dict[str, Any] = field(default_factory=dict)  # config values llama.cpp's architecture assumes
+    gguf_refused: str = ""  # why a known architecture has no GGUF yet (the refusal says it)
+    gguf_checks: tuple[str, ...] = ()  # named checks of `gguf_arch.CHECKS`, for what one config value cannot say
+    gguf_transforms: tuple[str, ...] = ()  # named tensor transforms of `gguf_arch.TRANSFORMS` (splits, reorders)
+    norm_offset_except: tuple[str, ...] = ()  # GGUF norms that hold their weight as is although `norm_offset` is set
     mlx: bool = False  # mlx-lm has a module for it (and loads the checkpoint, rewritten by `mlx_tensors`)
     mlx_module: str | None = None  # mlx-lm's module, where it is not named by the model_type
     mlx_text_config: bool = False  # mlx-lm's module reads a multimodal config: text under `text_config` and
@@ -128,6 +132,41 @@ LLAMA = Arch(
     onnx_genai=True,
     trtllm="LlamaForCausalLM",
     trtllm_torch=True,
+)
+
+# Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
+# gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
+QWEN35_TEXT = Arch(
+    gguf="QWEN35",
+    gguf_hparams={
+        "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
+        "add_ssm_state_size": ("linear_key_head_dim",),
+        "add_ssm_group_count": ("linear_num_key_heads",),
+        "add_ssm_time_step_rank": ("linear_num_value_heads",),
+        "add_ssm_inner_size": ("ssm_inner_size",),
+        "add_full_attention_interval": ("full_attention_interval", 4),
+        "add_rope_dimension_count": ("rope_dimensions",),
+        "add_rope_dimension_sections": ("mrope_sections",),
+    },
+    norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
+    norm_offset_except=("ssm_norm.weight",),
+    gguf_checks=("qwen35_layers",),
+    gguf_transforms=("no_mtp", "gated_deltanet"),
+    features=("hybrid: Gated DeltaNet + full attention",),
+)
+
+# its mixture-of-experts sibling: every layer sparse, with a gated shared expert (llama.cpp's qwen35moe)
+QWEN35_MOE_TEXT = Arch(
+    **{
+        **QWEN35_TEXT.__dict__,
+        "gguf": "QWEN35MOE",
+        "gguf_hparams": {
+            **QWEN35_TEXT.gguf_hparams,
+            "add_expert_feed_forward_length": ("moe_intermediate_size",),
+            "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
+        },
+        "moe": True,
+    }
 )
 
 ARCHS: dict[str, Arch] = {
@@ -232,16 +271,48 @@ ARCHS: dict[str, Arch] = {
         onnx_export=True,
         features=("multipliers",),
     ),
-    # the other families of late 2026: known, not converted yet (every target refused, naming the architecture)
-    "qwen3_5": Arch(mlx=True, features=("hybrid: Gated DeltaNet + full attention",)),
+    # the families of late 2026 (a row without a format is known, and refused by every target with its reason).
+    # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
+    # (MLX through mlx-lm's qwen3_5 modules is tested on the text-only checkpoints transformers saves; mlx-lm's
+    # modules read the multimodal ones too, untested here, so those rows leave MLX off)
+    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
+    "qwen3_5_text": Arch(**{**QWEN35_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5"}),
     # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
     # linear per expert
-    "qwen3_5_moe": Arch(
-        mlx=True, mlx_tensors=(STACK_EXPERTS,), moe=True, features=("hybrid: Gated DeltaNet + full attention",)
+    "qwen3_5_moe_text": Arch(
+        **{**QWEN35_MOE_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5_moe", "mlx_tensors": (STACK_EXPERTS,)}
+    ),  # fmt: skip
+    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
+    "qwen3_next": Arch(
+        mlx=True,
+        gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
+        moe=True,
+        features=("hybrid: Gated DeltaNet + full attention", "shared expert"),
     ),
-    "qwen3_next": Arch(mlx=True, moe=True, features=("hybrid: Gated DeltaNet + full attention", "shared expert")),
-    "gemma3_text": Arch(mlx=True, features=("sliding/global attention", "two rope bases")),
-    "gemma4_text": Arch(mlx=True, features=("per-layer embeddings",)),
+    # Gemma 3: sliding and global layers (the checkpoint's `layer_types`, written per layer), two rope bases, q/k norms
+    "gemma3_text": Arch(
+        mlx=True,
+        gguf="GEMMA3",
+        gguf_hparams={
+            "add_rope_freq_base_swa": ("rope_theta_swa",),
+            "add_final_logit_softcapping": ("final_logit_softcapping",),
+            "add_sliding_window": ("sliding_window",),
+            "add_sliding_window_pattern": ("sliding_layers",),
+        },
+        norm_offset=1.0,
+        gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
+        gguf_requires={"attn_logit_softcapping": None, "use_bidirectional_attention": False},
+        gguf_checks=("gemma3_attention_scale",),
+        features=("sliding/global attention", "two rope bases"),
+    ),
+    "gemma4_text": Arch(
+        mlx=True,
+        gguf_refused="not converted yet: per-layer embeddings and llama.cpp's gemma4 metadata are not mapped, and "
+        "llama.cpp's converter reads Gemma's own tokenizer",
+        features=("per-layer embeddings",),
+    ),
+    # llama.cpp's gpt-oss: experts fused and gate/up interleaved in the checkpoint, split and transposed on the way;
+    # its SwiGLU clamps at 7, as the released models do
     # transformers keeps gpt-oss's experts fused, [experts, in, out], gate and up rows interleaved; mlx-lm's sanitize
     # reads the original release's MXFP4 blocks, so the rewrite gives it its own layout (which it loads as is)
     "gpt_oss": Arch(
@@ -254,10 +325,49 @@ ARCHS: dict[str, Arch] = {
             MlxTensors(r"^(.*\.experts)\.down_proj$", (r"\1.down_proj.weight",), transpose=True),
             MlxTensors(r"^(.*\.experts)\.down_proj_bias$", (r"\1.down_proj.bias",)),
         ),
+        gguf="GPT_OSS",
+        gguf_hparams={
+            "add_sliding_window": ("sliding_window",),
+            "add_sliding_window_pattern": ("sliding_layers",),
+            "add_expert_feed_forward_length": ("intermediate_size",),
+        },
+        gguf_requires={"swiglu_limit": 7.0},
+        gguf_transforms=("gpt_oss_experts", "attention_sinks"),
         moe=True,
         features=("attention sinks", "MXFP4 experts"),
+    ),  # fmt: skip
+    # llama.cpp's deepseek2: multi-head latent attention as MQA over the latent (kv_b split into k_b and v_b),
+    # sigmoid routing with a score-correction bias, shared experts, the first layers dense
+    "deepseek_v3": Arch(
+        mlx=True,
+        gguf="DEEPSEEK2",
+        gguf_hparams={
+            "add_head_count_kv": (1,),
+            "add_key_length": ("mla_key_length",),
+            "add_value_length": ("kv_lora_rank",),
+            "add_key_length_mla": ("mla_key_length_mha",),
+            "add_value_length_mla": ("v_head_dim",),
+            "add_leading_dense_block_count": ("first_k_dense_replace", 0),
+            "add_vocab_size": ("vocab_size",),
+            "add_q_lora_rank": ("q_lora_rank",),
+            "add_kv_lora_rank": ("kv_lora_rank",),
+            "add_expert_feed_forward_length": ("moe_intermediate_size",),
+            "add_expert_shared_count": ("n_shared_experts", 0),
+            "add_expert_weights_scale": ("routed_scaling_factor",),
+            "add_expert_weights_norm": ("norm_topk_prob_if_set",),
+            "add_expert_gating_func": (
+                "sigmoid_routing",
+            ),  # transformers' DeepSeek-V3 router, whatever the config says
+            "add_expert_group_count": ("n_group",),
+            "add_expert_group_used_count": ("topk_group",),
+            "add_rope_dimension_count": ("qk_rope_head_dim",),
+            "add_rope_scaling_yarn_log_mul": ("deepseek_yarn_log_mul",),
+        },
+        gguf_requires={"rope_interleave": True},  # q/k rope dims stored interleaved, as llama.cpp rotates them
+        gguf_transforms=("no_mtp", "mla_kv_b_split"),
+        moe=True,
+        features=("multi-head latent attention", "shared experts"),
     ),
-    "deepseek_v3": Arch(mlx=True, moe=True, features=("multi-head latent attention", "shared experts")),
     # mlx-lm's llama4_text module is a dense model; Llama 4's experts are in its multimodal `llama4` module, whose
     # sanitize splits transformers' fused experts itself
     "llama4_text": Arch(
@@ -265,24 +375,17 @@ ARCHS: dict[str, Arch] = {
         mlx_module="llama4",
         mlx_text_config=True,
         mlx_requires={"num_experts_per_tok": 1, "no_rope_layer_interval": 4},  # hard-coded in mlx-lm's llama4
+        gguf_refused="llama.cpp (llama-cpp-python 0.3.36) aborts evaluating a converted tiny llama4 (`tensor buffer "
+        "not set`), so a file could not be validated",
         moe=True,
         features=("MoE and dense layers", "chunked attention"),
     ),
 }
 
-# transformers' text-only checkpoints of a multimodal family carry the text config's model_type: the family's row
-ALIASES = {"qwen3_5_text": "qwen3_5", "qwen3_5_moe_text": "qwen3_5_moe"}
-
 
 def arch(model_type: str) -> Arch:
-    """The row of `model_type` (or of the family it is the text-only model of); an empty row (nothing supported) for
-    one the table does not know."""
-    return ARCHS.get(ALIASES.get(model_type, model_type), Arch())
-
-
-def family(model_type: str) -> str:
-    """The row's name for `model_type`: itself, or the multimodal family it is the text-only model of."""
-    return ALIASES.get(model_type, model_type)
+    """The row of `model_type`; an empty row (nothing supported) for one the table does not know."""
+    return ARCHS.get(model_type, Arch())
 
 
 def supported(attribute: str) -> list[str]:

@@ -28,7 +28,7 @@ import logging
 import numpy as np
 
 from pipeline.archs import arch, supported
-from pipeline.reference import (
+from pipeline.scores import (
     ARRAYS,
     TOKENIZER_PROBE_SUFFIX,
     ChunkScores,

@@ -174,6 +174,108 @@ TINY_CONFIGS = {
     ),
 }
 
+# the 2026 families for GGUF (`<model_type>-gguf` in TINY_MODELS): hidden and intermediate sizes multiples of 256,
+# so that llama.cpp's K-quants apply, and sliding windows shorter than the test prompts
+GGUF_CONFIGS = {
+    "gemma3_text": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        head_dim=64,
+        query_pre_attn_scalar=64,
+        sliding_window=16,  # shorter than the test prompts: the window matters
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+    ),
+    # first layer dense, then 4 routed experts (2 per token) and a shared one; q and kv through their low-rank paths
+    "deepseek_v3": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        moe_intermediate_size=256,
+        num_key_value_heads=4,
+        first_k_dense_replace=1,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        q_lora_rank=256,
+        kv_lora_rank=256,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    # three Gated DeltaNet layers and one full-attention layer; 4 value heads over 2 key heads (llama.cpp tiles them)
+    "qwen3_5_text": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    # the released form: the language model above inside a multimodal checkpoint, with a one-block vision tower
+    "qwen3_5": dict(
+        text_config=None,  # filled in below, from qwen3_5_text
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        tie_word_embeddings=False,
+    ),
+    "qwen3_5_moe_text": dict(
+        SMALL,
+        hidden_size=256,
+        num_hidden_layers=4,
+        head_dim=64,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=64,
+        linear_value_head_dim=64,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    "qwen3_5_moe": dict(
+        text_config=None,  # filled in below, from qwen3_5_moe_text
+        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        tie_word_embeddings=False,
+    ),
+    "gpt_oss": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=256,
+        head_dim=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=131072,  # gpt-oss's YaRN: 32 x 4096
+        sliding_window=16,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+}
+
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
@@ -184,7 +286,8 @@ def smollm2_dir() -> Path:
     return resolve_source(SourceSpec(id="bundled:smollm2-135m")).path
 
 
-def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: int = 0, base: dict | None = None,
+                    **overrides) -> Path:  # fmt: skip
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -192,19 +295,22 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
         json.loads((tokenizer_dir / "config.json").read_text()) if (tokenizer_dir / "config.json").is_file() else {}
     )
     vocab_size = overrides.pop("vocab_size", tokenizer_config.get("vocab_size", 49152))
-    settings = {**TINY_CONFIGS[model_type], **overrides}
-    config = AutoConfig.for_model(
-        model_type,
-        vocab_size=vocab_size,
-        bos_token_id=tokenizer_config.get("bos_token_id", 1),
-        eos_token_id=tokenizer_config.get("eos_token_id", 2),
-        **settings,
-    )
+    settings = {**(TINY_CONFIGS if base is None else base)[model_type], **overrides}
+    tokens = dict(vocab_size=vocab_size, bos_token_id=tokenizer_config.get("bos_token_id", 1),
+                  eos_token_id=tokenizer_config.get("eos_token_id", 2))  # fmt: skip
+    if "vision_config" in settings:  # a multimodal checkpoint (its language model under text_config), saved whole
+        from transformers import AutoModelForImageTextToText as model_class
+
+        settings["text_config"] = {**settings["text_config"], **tokens}
+    else:
+        model_class = AutoModelForCausalLM
+        settings.update(tokens)
+    config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_class.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them count in the tests
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
+            if "norm" in name or name.endswith("bias"):  # also DeepSeek's e_score_correction_bias, gpt-oss's *_bias
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES + ("tokenizer.model",):
@@ -212,6 +318,9 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
             shutil.copy(tokenizer_dir / name, folder / name)
     return folder
 
+
+GGUF_CONFIGS["qwen3_5"]["text_config"] = GGUF_CONFIGS["qwen3_5_text"]
+GGUF_CONFIGS["qwen3_5_moe"]["text_config"] = GGUF_CONFIGS["qwen3_5_moe_text"]
 
 # name -> (model_type, config overrides): the tiny checkpoints tests can ask for by name.
 TINY_MODELS = {
@@ -227,10 +336,12 @@ TINY_MODELS = {
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
     "llama-4-layers": ("llama", {"num_hidden_layers": 4}),
-    **{name: (name, {}) for name in ("qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3")},
-    "qwen3_5": ("qwen3_5_text", {}),
-    "qwen3_5_moe": ("qwen3_5_moe_text", {}),
-    "llama4_text": ("llama4_text", {}),
+    **{name: (name, {}) for name in ("qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3",
+                                     "llama4_text", "qwen3_5_text", "qwen3_5_moe_text")},
+    # (model_type, overrides, GGUF_CONFIGS): the GGUF tests' checkpoints; the released Qwen 3.5 form is multimodal
+    **{f"{name}-gguf": (name, {}, GGUF_CONFIGS) for name in GGUF_CONFIGS},
+    "qwen3_5": ("qwen3_5", {}, GGUF_CONFIGS),
+    "qwen3_5_moe": ("qwen3_5_moe", {}, GGUF_CONFIGS),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),
@@ -247,10 +358,11 @@ def tiny_model(tmp_path_factory, smollm2_dir):
 
     def get(name: str) -> Path:
         if name not in made:
-            model_type, overrides = TINY_MODELS[name]
+            model_type, overrides, *base = TINY_MODELS[name]
             # a neutral folder name: it becomes the model's name (GGUF `general.name`), and llama.cpp applies family
             # vocabulary rules by that name (a tiny phi3 borrowing SmolLM2's tokenizer, named "phi3", will not load)
-            made[name] = make_tiny_model(tmp_path_factory.mktemp("tiny"), model_type, smollm2_dir, **overrides)
+            made[name] = make_tiny_model(tmp_path_factory.mktemp("tiny"), model_type, smollm2_dir,
+                                         base=base[0] if base else None, **overrides)  # fmt: skip
         return made[name]
 
     return get

@@ -19,9 +19,9 @@ from tests.conftest import build_artifact
 mx = pytest.importorskip("mlx.core", reason="MLX is an optional extra: pip install 'weightsmith[mlx]'")
 
 TEXT = "Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do."
-ARCHS_2026 = ["qwen3_5", "qwen3_5_moe", "qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3",
+ARCHS_2026 = ["qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3",
               "llama4_text"]  # fmt: skip
-EXPERTS = {"qwen3_5_moe", "qwen3_next", "gpt_oss", "deepseek_v3", "llama4_text"}
+EXPERTS = {"qwen3_5_moe_text", "qwen3_next", "gpt_oss", "deepseek_v3", "llama4_text"}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,7 @@ def test_rewrite_rules():
     assert np.array_equal(np.array(out["lm.m.experts.gate_proj.weight"]), np.array(fused)[..., ::2].swapaxes(1, 2))
     assert np.array_equal(np.array(out["lm.m.experts.up_proj.weight"]), np.array(fused)[..., 1::2].swapaxes(1, 2))
 
-    stack = ARCHS["qwen3_5_moe"].mlx_tensors
+    stack = ARCHS["qwen3_5_moe_text"].mlx_tensors
     experts = {f"l.mlp.experts.{e}.down_proj.weight": mx.full((2, 2), e) for e in (1, 0, 2)}
     out = rewrite(experts, stack)
     assert list(out) == ["l.mlp.switch_mlp.down_proj.weight"]

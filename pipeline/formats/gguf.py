@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -39,7 +40,16 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.formats import gguf_quantize
 from pipeline.formats.base import BuildContext, Format, Progress, missing_modules, parse_size
 from pipeline.formats.base import Options as BaseOptions
-from pipeline.formats.gguf_arch import Architecture, add_hparams, architecture, extra_tensors, permute_qk
+from pipeline.formats.gguf_arch import (
+    Architecture,
+    add_hparams,
+    architecture,
+    check_config,
+    extra_tensors,
+    permute_qk,
+    text_config,
+)
+from pipeline.formats.gguf_arch import pieces as tensor_pieces
 from pipeline.formats.gguf_arch import tensor_name as gguf_tensor_name
 from pipeline.formats.gguf_vocab import add_to_writer, load_vocab
 from pipeline.quantizers import imatrix as importance
@@ -82,23 +92,34 @@ class TensorPlan:
     gguf_name: str
     shape: tuple[int, ...]
     qtype: Q
+    transform: Callable | None = None  # a piece of a row's named transform (gguf_arch.TRANSFORMS), on the read tensor
 
     @property
     def byte_shape(self) -> tuple[int, ...]:
         return gguf.quant_shape_to_byte_shape(self.shape, self.qtype)
 
     def read(self, checkpoint: Checkpoint):
-        """The tensor from the checkpoint; a layer's experts stacked [experts, out, in], as llama.cpp keeps them."""
-        if len(self.hf_names) == 1:
-            return checkpoint.tensor(self.hf_names[0])
+        """The tensor from the checkpoint; a layer's experts stacked [experts, out, in], as llama.cpp keeps them;
+        transformed if it is a piece of a transform."""
         import torch
 
-        return torch.stack([checkpoint.tensor(name) for name in self.hf_names])
+        if len(self.hf_names) == 1:
+            tensor = checkpoint.tensor(self.hf_names[0])
+        else:
+            tensor = torch.stack([checkpoint.tensor(name) for name in self.hf_names])
+        return self.transform(tensor) if self.transform else tensor
+
+
+# tensors llama.cpp's converter keeps in F32 whatever the file type (routers, convolutions: small, and read as F32)
+F32_TENSORS = (gguf.MODEL_TENSOR.FFN_GATE_INP, gguf.MODEL_TENSOR.FFN_GATE_INP_SHEXP, gguf.MODEL_TENSOR.SSM_CONV1D)
+F32_NAMES = re.compile("|".join(re.escape(gguf.TENSOR_NAMES[t]).replace(r"\{bid\}", r"\d+") for t in F32_TENSORS))
 
 
 def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
     """The GGML type of one tensor in a direct file of the given quant, as llama.cpp's converter chooses it."""
     if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
+        return Q.F32
+    if F32_NAMES.fullmatch(gguf_name.removesuffix(".weight")):
         return Q.F32
     qtype = DIRECT[quant]
     block_size, _ = gguf.GGML_QUANT_SIZES[qtype]
@@ -106,14 +127,18 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str) -> Q:
 
 
 def plan_tensors(checkpoint: Checkpoint, arch: Architecture, config: dict, quant: str) -> list[TensorPlan]:
+    import torch
+
     plan = []
     for hf_name, members in merged_experts(checkpoint).items():
-        name = gguf_tensor_name(arch, hf_name)
-        if name is not None:
-            shape = checkpoint.shape(members[0])
-            if len(members) > 1:
-                shape = (len(members), *shape)
-            plan.append(TensorPlan(members, name, shape, tensor_type(name, shape, quant)))
+        shape = checkpoint.shape(members[0])
+        if len(members) > 1:
+            shape = (len(members), *shape)
+        for piece, transform in tensor_pieces(arch, hf_name, config):
+            name = gguf_tensor_name(arch, piece)
+            if name is not None:
+                out = tuple(transform(torch.empty(shape, device="meta")).shape) if transform else tuple(shape)
+                plan.append(TensorPlan(members, name, out, tensor_type(name, out, quant), transform))
     for name, tensor in extra_tensors(arch, config).items():
         plan.append(TensorPlan((), name, tuple(tensor.shape), Q.F32))
     return sorted(plan, key=_writing_order)
@@ -162,6 +187,8 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
     elif arch.permute_qk and plan.gguf_name.endswith(("attn_k.weight", "attn_k.bias")):
         tensor = permute_qk(tensor, config.get("num_key_value_heads") or config["num_attention_heads"])
     offset = arch.norm_offset if plan.gguf_name.endswith("norm.weight") else 0.0
+    if plan.gguf_name.endswith(arch.row.norm_offset_except):
+        offset = 0.0
     rows = tensor.reshape(-1, tensor.shape[-1])
     step = max(1, CHUNK_ELEMENTS // rows.shape[1])
     out = None
@@ -176,7 +203,7 @@ def convert_tensor(tensor, plan: TensorPlan, arch: Architecture, config: dict) -
 def write_direct(source: SourceInfo, quant: str, path: Path, split_max_size: int | None,
                  progress: Progress | None):  # fmt: skip
     """Stream the checkpoint into a GGUF file (or shards) with the tensor types of `quant`; return (plan, vocab)."""
-    config = source.config()
+    config = text_config(source.config())
     arch = architecture(source.model_type, config)
     vocab = load_vocab(source.path, config["vocab_size"])
     checkpoint = Checkpoint(source.path)
@@ -262,20 +289,20 @@ class GGUF(Format):
 
     def check(self, source: SourceInfo) -> None:
         """Unsupported architecture, rope scaling, tensor or tokenizer: refused before anything is written."""
-        config = source.config()
+        config = text_config(source.config())
         arch = architecture(source.model_type, config)
-        for key, value in arch.row.gguf_requires.items():
-            if config.get(key, value) != value:
-                raise FormatError(f"GGUF: llama.cpp's {arch.name} assumes {key}: {value!r}, this checkpoint has "
-                                  f"{config[key]!r}")  # fmt: skip
+        check_config(arch, config)
         if self.options.imatrix and arch.row.moe:
             raise FormatError("GGUF: the importance matrix is not collected for mixture-of-experts models yet")
+        if self.options.imatrix and arch.row.gguf_transforms:
+            raise FormatError(f"GGUF: the importance matrix is not carried through {source.model_type}'s tensor "
+                              f"transforms ({', '.join(arch.row.gguf_transforms)}) yet")  # fmt: skip
         plan_tensors(Checkpoint(source.path), arch, config, "f16")
         load_vocab(source.path, config["vocab_size"])
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         stem = f"{ctx.name}-{self.quant.upper()}"
-        config = source.config()
+        config = text_config(source.config())
         arch = architecture(source.model_type, config)
         if self.quant in DIRECT:
             plan, vocab = write_direct(source, self.quant, out_dir / f"{stem}.gguf", self.options.split_max_size,

@@ -2,10 +2,16 @@
 
 The data is the field's own: tensor names come from gguf-py's `TensorNameMap` for the architecture the row of
 `pipeline.archs` names (the map llama.cpp's own converter uses), so the output names are exactly what llama.cpp
-expects; which config keys become which metadata is the row's `gguf_hparams` on top of `COMMON_HPARAMS`. q/k rows
-are permuted where the row says so (llama.cpp's `llama`-style rope rotates interleaved pairs, Hugging Face stores
-q/k for rotate-half), and norm weights stored as an offset from 1 (Gemma's RMSNorm multiplies by 1 + weight) get it
-added back.
+expects; which config keys become which metadata is the row's `gguf_hparams` on top of `COMMON_HPARAMS`, a value no
+config key holds as such being one of the named `DERIVED` values. q/k rows are permuted where the row says so
+(llama.cpp's `llama`-style rope rotates interleaved pairs, Hugging Face stores q/k for rotate-half), and norm weights
+stored as an offset from 1 (Gemma's RMSNorm multiplies by 1 + weight) get it added back.
+
+Where llama.cpp keeps a tensor in another layout than the checkpoint (DeepSeek's kv_b split in two for its MLA,
+gpt-oss's fused and interleaved experts), the row names a small transform of `TRANSFORMS`: it maps one checkpoint
+tensor to the (name, function) pieces llama.cpp's converter writes, named so that gguf-py's map knows them. Shapes
+are planned by running the functions on torch's `meta` tensors, so planning still reads no weights. What a config
+value alone cannot rule out (llama.cpp computes something the checkpoint does not) is a named check of `CHECKS`.
 """
 
 from __future__ import annotations
@@ -59,16 +65,27 @@ class Architecture:
 def architecture(model_type: str, config: dict) -> Architecture:
     row = arch(model_type)
     if row.gguf is None:
-        why = "not converted to GGUF yet" if model_type in ARCHS else "not in weightsmith's architecture table"
+        why = row.gguf_refused or "not converted to GGUF yet"
+        if model_type not in ARCHS:
+            why = "not in weightsmith's architecture table"
         raise FormatError(f"GGUF does not support architecture {model_type!r}: {why} (supported: "
                           f"{', '.join(supported('gguf'))})")  # fmt: skip
     return Architecture(model_type, row, config["num_hidden_layers"])
 
 
+def text_config(config: dict) -> dict:
+    """The language model's settings: a multimodal checkpoint's `text_config` over its top level, as llama.cpp's
+    converter reads them."""
+    return {**config, **config["text_config"]} if isinstance(config.get("text_config"), dict) else config
+
+
 def tensor_name(arch: Architecture, hf_name: str) -> str | None:
-    """The llama.cpp name of a Hugging Face tensor, None for tensors llama.cpp does not use; FormatError if unknown."""
-    if hf_name.endswith(IGNORED) or hf_name in arch.row.gguf_skip:
+    """The llama.cpp name of a Hugging Face tensor, None for tensors llama.cpp does not use; FormatError if unknown.
+    A `gguf_skip` entry ending in "." skips every tensor under that prefix (a vision tower)."""
+    skipped = arch.row.gguf_skip
+    if hf_name.endswith(IGNORED) or hf_name in skipped or hf_name.startswith(tuple(p for p in skipped if p[-1] == ".")):
         return None
+    hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # DeepSeek's router bias
     name = arch.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
         raise FormatError(f"tensor {hf_name!r} has no GGUF name for llama.cpp's {arch.name!r} (gguf-py's tensor map): "
@@ -80,7 +97,8 @@ def rope(config: dict) -> dict:
     """The rope settings whichever way transformers wrote them (`rope_parameters` in 5.x, `rope_scaling` and a
     top-level `rope_theta` before), with `rope_type` set; FormatError for scalings llama.cpp is not given here."""
     settings = {"rope_theta": config.get("rope_theta"), **(config.get("rope_scaling") or {})}
-    settings.update(config.get("rope_parameters") or {})
+    parameters = config.get("rope_parameters") or {}
+    settings.update(parameters.get("full_attention", parameters))  # per layer kind (Gemma 3): the global layers'
     kind = settings.get("rope_type", settings.get("type")) or "default"
     if kind not in SUPPORTED_ROPE:
         raise FormatError(
@@ -93,10 +111,40 @@ def head_dim(config: dict) -> int:
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
+def _sliding_layers(config: dict) -> list[bool] | None:
+    """Which layers use the sliding window, from the checkpoint's `layer_types`: llama.cpp reads this per-layer list
+    before its built-in pattern (every 6th layer global for gemma3, every 2nd for gpt-oss), which the converter
+    leaves it to assume."""
+    kinds = config.get("layer_types")
+    return [kind == "sliding_attention" for kind in kinds] if kinds else None
+
+
+def _yarn_log_mul(config: dict) -> float | None:
+    """DeepSeek's YaRN `mscale_all_dim`, written times 0.1 as llama.cpp's converter does (llama.cpp divides it back)."""
+    mscale = rope(config).get("mscale_all_dim")
+    return None if mscale is None else 0.1 * mscale
+
+
+# values no single config key holds, by the name a row's `gguf_hparams` gives them
+DERIVED = {
+    "rope_dimensions": lambda c: int(head_dim(c) * rope(c).get("partial_rotary_factor", 1.0)),
+    "rope_theta_swa": lambda c: ((c.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta"),
+    "sliding_layers": _sliding_layers,
+    "mla_key_length": lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"],  # MQA over the latent and the rope part
+    "mla_key_length_mha": lambda c: c["qk_nope_head_dim"] + c["qk_rope_head_dim"],
+    "norm_topk_prob_if_set": lambda c: True if c.get("norm_topk_prob") else None,
+    "sigmoid_routing": lambda c: gguf.ExpertGatingFuncType.SIGMOID,
+    "deepseek_yarn_log_mul": _yarn_log_mul,
+    "ssm_inner_size": lambda c: c["linear_value_head_dim"] * c["linear_num_value_heads"],
+    # Qwen 3.5's interleaved M-RoPE sections (text positions are equal in all of them), padded to 4 as llama.cpp reads
+    "mrope_sections": lambda c: [*rope(c).get("mrope_section", [11, 11, 10]), 0, 0, 0][:4],
+}
+
+
 def hparam(config: dict, key: str):
-    """A hyperparameter from the config, looking into the rope settings too; `rope_dimensions` is derived."""
-    if key == "rope_dimensions":
-        return int(head_dim(config) * rope(config).get("partial_rotary_factor", 1.0))
+    """A hyperparameter from the config, looking into the rope settings too, or one of the `DERIVED` values."""
+    if key in DERIVED:
+        return DERIVED[key](config)
     if config.get(key) is not None:
         return config[key]
     return rope(config).get(key)
@@ -114,6 +162,18 @@ def add_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: dict) -> No
         writer.add_rope_scaling_factor(settings["factor"])
         if settings["rope_type"] == "yarn":
             writer.add_rope_scaling_orig_ctx_len(settings["original_max_position_embeddings"])
+            for key, method in YARN_EXTRAS.items():
+                if settings.get(key) is not None:
+                    getattr(writer, method)(settings[key])
+
+
+# YaRN settings beyond the factor that llama.cpp's converter writes when the checkpoint has them
+YARN_EXTRAS = {
+    "extrapolation_factor": "add_rope_scaling_yarn_ext_factor",
+    "attention_factor": "add_rope_scaling_yarn_attn_factor",
+    "beta_fast": "add_rope_scaling_yarn_beta_fast",
+    "beta_slow": "add_rope_scaling_yarn_beta_slow",
+}
 
 
 def extra_tensors(arch: Architecture, config: dict) -> dict:
@@ -145,3 +205,160 @@ def permute_qk(weights, n_head: int):
     """Reorder q/k rows from Hugging Face's rotate-half layout to llama.cpp's interleaved-pair layout."""
     shape = weights.shape
     return weights.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+# --- tensor transforms: one checkpoint tensor -> the pieces llama.cpp's converter writes -------------------------
+# Each takes the checkpoint name and the config and returns None (not its tensor) or [(name, function)], the names
+# being ones gguf-py's tensor map knows and the functions torch -> torch (run on `meta` tensors to plan shapes).
+
+
+def _mla_kv_b_split(name: str, config: dict):
+    """DeepSeek's kv_b [heads·(nope+v), rank] as llama.cpp's MLA absorbs it: k_b [heads, rank, nope] (transposed)
+    and v_b [heads, v, rank]."""
+    if not name.endswith(".kv_b_proj.weight"):
+        return None
+    heads, nope, v = config["num_attention_heads"], config["qk_nope_head_dim"], config["v_head_dim"]
+
+    def per_head(t):
+        return t.reshape(heads, nope + v, t.shape[-1])
+
+    return [(name.replace("kv_b_proj", "k_b_proj"), lambda t: per_head(t)[:, :nope].transpose(1, 2)),
+            (name.replace("kv_b_proj", "v_b_proj"), lambda t: per_head(t)[:, nope:])]  # fmt: skip
+
+
+def _gpt_oss_experts(name: str, config: dict):
+    """gpt-oss's fused experts (transformers: gate_up_proj [experts, hidden, 2·inter] with gate and up interleaved,
+    down_proj [experts, inter, hidden], biases beside them) as llama.cpp's separate [experts, out, in] tensors."""
+    base, _, part = name.rpartition(".")
+    if not base.endswith(".mlp.experts"):
+        return None
+    if part.endswith(("_blocks", "_scales")):
+        raise FormatError(
+            f"GGUF: {name} is an MXFP4-packed expert tensor, not repacked for llama.cpp here; load the checkpoint "
+            f"dequantized (transformers' Mxfp4Config(dequantize=True)) and save it first"
+        )
+    if part == "gate_up_proj":
+        return [(f"{base}.gate_proj.weight", lambda t: t.transpose(-1, -2)[:, ::2]),
+                (f"{base}.up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]  # fmt: skip
+    if part == "gate_up_proj_bias":
+        return [(f"{base}.gate_proj.bias", lambda t: t[..., ::2]), (f"{base}.up_proj.bias", lambda t: t[..., 1::2])]
+    if part == "down_proj":
+        return [(f"{base}.down_proj.weight", lambda t: t.transpose(-1, -2))]
+    if part == "down_proj_bias":
+        return [(f"{base}.down_proj.bias", lambda t: t)]
+    return None
+
+
+def _attention_sinks(name: str, config: dict):
+    """gpt-oss's per-head attention sinks, a parameter without a suffix, under the `.weight` name llama.cpp reads."""
+    return [(f"{name}.weight", lambda t: t)] if name.endswith(".self_attn.sinks") else None
+
+
+def _tiled(t, dim: int, k_heads: int, per_k: int, size: int):
+    """Value heads along `dim` from grouped by key head [k0: v0..v(r-1), k1: ...] to tiled [v0: k0, k1, ..., v1: ...],
+    the order ggml's broadcast pairs them with the key heads in (llama.cpp's converter reorders them the same way)."""
+    shape = list(t.shape)
+    dim %= len(shape)
+    grouped = t.reshape(*shape[:dim], k_heads, per_k, size, *shape[dim + 1 :])
+    return grouped.transpose(dim, dim + 1).reshape(shape)
+
+
+def _gated_deltanet(name: str, config: dict):
+    """Qwen 3.5's linear-attention (Gated DeltaNet) tensors as llama.cpp's qwen35 reads them: A as -exp(A_log), the
+    conv kernel without its singleton axis, dt_bias under the dt_proj name, and the value heads tiled."""
+    import torch
+
+    if ".linear_attn." not in name:
+        return None
+    k_heads, v_heads = config["linear_num_key_heads"], config["linear_num_value_heads"]
+    key_dim, v_dim = config["linear_key_head_dim"] * k_heads, config["linear_value_head_dim"]
+
+    def tiled(t, dim=0, size=v_dim):
+        return _tiled(t, dim, k_heads, v_heads // k_heads, size)
+
+    def qkv_rows(t):  # q and k rows as they are, the value rows tiled
+        return torch.cat([t[: 2 * key_dim], tiled(t[2 * key_dim :])])
+
+    last = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name.rsplit(".", 1)[-1]
+    forms = {
+        "A_log": (name, lambda t: tiled(-torch.exp(t.float()), size=1)),
+        "dt_bias": (name.replace(".dt_bias", ".dt_proj.bias"), lambda t: tiled(t, size=1)),
+        "conv1d": (name, lambda t: qkv_rows(t.squeeze(1))),
+        "in_proj_qkv": (name, qkv_rows),
+        "in_proj_z": (name, tiled),
+        "in_proj_a": (name, lambda t: tiled(t, size=1)),
+        "in_proj_b": (name, lambda t: tiled(t, size=1)),
+        "out_proj": (name, lambda t: tiled(t, dim=1)),
+    }
+    return [forms[last]] if last in forms else None
+
+
+def _no_mtp(name: str, config: dict):
+    """Multi-token-prediction layers (DeepSeek's layers past num_hidden_layers, Qwen's `mtp.*`) left out, as llama.cpp's
+    converter leaves them for these architectures (--no-mtp)."""
+    if name.startswith(("mtp.", "model.mtp.")):
+        return []
+    parts = name.split(".")
+    if len(parts) > 3 and parts[:2] == ["model", "layers"] and int(parts[2]) >= config["num_hidden_layers"]:
+        return []
+    return None
+
+
+TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split, "gpt_oss_experts": _gpt_oss_experts,
+              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet, "no_mtp": _no_mtp}  # fmt: skip
+
+
+def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
+    """A checkpoint tensor as the (name, function or None) pieces to map and write: itself unless a transform of
+    the row takes it. A multimodal checkpoint's `language_model.` level is dropped first, as the converter does."""
+    name = name.replace("language_model.", "")
+    for transform in arch.row.gguf_transforms:
+        found = TRANSFORMS[transform](name, config)
+        if found is not None:
+            return found
+    return [(name, None)]
+
+
+# --- checks: what llama.cpp computes that one config value cannot express --------------------------------------
+
+
+def _gemma3_attention_scale(config: dict) -> str | None:
+    """llama.cpp's gemma3 scales attention by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for the 62-layer 27B);
+    transformers by 1/sqrt(query_pre_attn_scalar)."""
+    dim = head_dim(config)
+    if config["num_hidden_layers"] == 62:
+        dim = config["hidden_size"] // config["num_attention_heads"]
+    scalar = config.get("query_pre_attn_scalar", dim)
+    if scalar != dim:
+        return (
+            f"llama.cpp's gemma3 scales attention by 1/sqrt({dim}), this checkpoint by query_pre_attn_scalar {scalar}"
+        )
+    return None
+
+
+def _qwen35_layers(config: dict) -> str | None:
+    """llama.cpp's qwen35 takes every `full_attention_interval`-th layer as full attention and the rest as Gated
+    DeltaNet (the gguf-py here cannot write a per-layer list), and one head size for keys and values."""
+    interval = config.get("full_attention_interval", 4)
+    expected = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                for i in range(config["num_hidden_layers"])]  # fmt: skip
+    if config.get("layer_types", expected) != expected:
+        kinds = config["layer_types"]
+        return f"llama.cpp's qwen35 needs every {interval}th layer full attention, this checkpoint has {kinds}"
+    if config["linear_key_head_dim"] != config["linear_value_head_dim"]:
+        return "llama.cpp's qwen35 needs linear_key_head_dim == linear_value_head_dim"
+    return None
+
+
+CHECKS = {"gemma3_attention_scale": _gemma3_attention_scale, "qwen35_layers": _qwen35_layers}
+
+
+def check_config(arch: Architecture, config: dict) -> None:
+    """FormatError where llama.cpp would compute something else than the checkpoint's model."""
+    for key, value in arch.row.gguf_requires.items():
+        if config.get(key, value) != value:
+            raise FormatError(f"GGUF: llama.cpp's {arch.name} assumes {key}: {value!r}, this checkpoint has "
+                              f"{config[key]!r}")  # fmt: skip
+    for check in arch.row.gguf_checks:
+        if why := CHECKS[check](config):
+            raise FormatError(f"GGUF: {why}")

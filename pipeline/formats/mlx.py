@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import handoff
-from pipeline.archs import Arch, MlxTensors, arch, family
+from pipeline.archs import Arch, MlxTensors, arch
 from pipeline.checkpoint import portable_view
 from pipeline.formats.base import BuildContext, Format, check_group_size, missing_modules, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
@@ -178,7 +178,7 @@ class MLX(Format):
 
 def mlx_module(model_type: str) -> str:
     """The mlx-lm module (its `model_type`) that loads a checkpoint of `model_type`."""
-    return arch(model_type).mlx_module or family(model_type)
+    return arch(model_type).mlx_module or model_type
 
 
 def loaded_as(module: str) -> str:

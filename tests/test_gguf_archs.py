@@ -1,0 +1,252 @@
+"""GGUF export of the 2026 families (Gemma 3, DeepSeek-V3, gpt-oss, Qwen 3.5 and its MoE) on tiny random checkpoints.
+
+Each is checked the way a user would meet it: llama.cpp (through llama-cpp-python) loads the F16 file and gives
+transformers' logits, and the Q4_K_M file made by llama.cpp's own quantizer stays close to them; the file holds the
+tensors and metadata llama.cpp's architecture reads, the split and fused tensors carrying the checkpoint's numbers.
+The tiny configs (tests/conftest.py) have hidden sizes of 256, so that the K-quants apply, and sliding windows
+shorter than the prompt, so that the window and both layer kinds count.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import archs
+from pipeline.formats.base import Format
+from pipeline.runtimes.llama_cpp import LlamaCppRuntime
+from pipeline.source import inspect_checkpoint, load_tokenizer
+from pipeline.types import FormatError, Target
+from tests.conftest import build_artifact
+
+# model_type -> llama.cpp's architecture
+ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35",
+         "qwen3_5_moe_text": "qwen35moe"}  # fmt: skip
+# the released Qwen 3.5 form: the same language models inside multimodal checkpoints (vision tower left out)
+MULTIMODAL = {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
+TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
+        "once or twice she had peeped into the book her sister was reading.")  # fmt: skip
+_BUILT: dict = {}
+_REFERENCE: dict = {}
+
+
+@pytest.fixture(scope="module")
+def build(tiny_model, tmp_path_factory):
+    def _build(model: str, quant: str):
+        if (model, quant) not in _BUILT:
+            out = tmp_path_factory.mktemp(f"{model}-{quant}")
+            _, _, info = build_artifact(tiny_model(f"{model}-gguf"), ("gguf", quant), out)
+            _BUILT[model, quant] = (out / info["file"], info)
+        return _BUILT[model, quant]
+
+    return _build
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model):
+    """reference(model) -> (token ids, transformers' float32 logits) for the test text."""
+    from transformers import AutoModelForCausalLM
+
+    def _reference(model: str):
+        if model not in _REFERENCE:
+            folder = tiny_model(f"{model}-gguf")
+            ids = load_tokenizer(folder)(TEXT).input_ids
+            hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            with torch.inference_mode():
+                _REFERENCE[model] = ids, hf(torch.tensor([ids])).logits[0].numpy()
+        return _REFERENCE[model]
+
+    return _reference
+
+
+def llama_cpp_logits(path, ids) -> np.ndarray:
+    runtime = LlamaCppRuntime(path, n_ctx=128)
+    try:
+        return runtime.logits(ids)
+    finally:
+        runtime.close()
+
+
+def kl(reference: np.ndarray, other: np.ndarray) -> float:
+    p = torch.log_softmax(torch.from_numpy(reference), -1)
+    q = torch.log_softmax(torch.from_numpy(other), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("model", [*ARCHS, *MULTIMODAL])
+def test_f16_logits_match_transformers(build, reference, model):
+    ids, want = reference(model)
+    assert len(ids) > 32  # longer than the sliding windows
+    got = llama_cpp_logits(build(model, "f16")[0], ids)
+    delta = np.abs(got - want).max()
+    print(f"{model}: max |delta logit| {delta:.4f} (logits up to {np.abs(want).max():.2f})")
+    bound = 1e-2 * np.abs(want).max()
+    assert delta < bound, delta
+    top2 = np.sort(want, -1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * bound  # where F16 rounding cannot swap transformers' top two tokens
+    assert decided.mean() > 0.5 and (got.argmax(-1) == want.argmax(-1))[decided].all()
+    assert want.std(-1).mean() > 0.5  # far from uniform: the comparison means something
+
+
+@pytest.mark.parametrize("model", ARCHS)
+def test_q4_k_m_stays_close_to_transformers(build, reference, model):
+    path, info = build(model, "q4_k_m")
+    assert info["route"] == "llama.cpp" and info["tensor_types"].get("Q4_K", 0) >= 4, info["tensor_types"]
+    ids, want = reference(model)
+    got = llama_cpp_logits(path, ids)
+    divergence = kl(want, got)
+    print(f"{model}: Q4_K_M KL to transformers {divergence:.4f}, tensor types {info['tensor_types']}")
+    assert divergence < 0.25  # measured 0.02-0.04, 0.10-0.17 with the Gated DeltaNet; layouts are checked at F16
+
+
+@pytest.mark.parametrize("model,arch", [*ARCHS.items(), *MULTIMODAL.items()])
+def test_every_tensor_is_one_llama_cpp_reads(build, model, arch):
+    reader = gguf.GGUFReader(build(model, "f16")[0])
+    known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[gguf.MODEL_ARCH[archs.arch(model).gguf]]}
+    for tensor in reader.tensors:
+        base = tensor.name.rsplit(".", 1)[0] if tensor.name.endswith((".weight", ".bias")) else tensor.name
+        generic = base.replace(f"blk.{base.split('.')[1]}.", "blk.{bid}.") if base.startswith("blk.") else base
+        assert generic in known, tensor.name
+    assert reader.get_field("general.architecture").contents() == arch
+
+
+def fields(path) -> dict:
+    return {k: f.contents() for k, f in gguf.GGUFReader(path).fields.items() if not k.startswith("GGUF.")}
+
+
+def test_gemma3_metadata_holds_both_rope_bases_and_the_layer_kinds(build, tiny_model):
+    config = json.loads((tiny_model("gemma3_text-gguf") / "config.json").read_text())
+    got = fields(build("gemma3_text", "f16")[0])
+    assert got["gemma3.rope.freq_base"] == 1000000.0 and got["gemma3.rope.freq_base_swa"] == 10000.0
+    assert got["gemma3.attention.sliding_window"] == 16
+    assert got["gemma3.attention.sliding_window_pattern"] == [t == "sliding_attention" for t in config["layer_types"]]
+    assert got["gemma3.attention.key_length"] == 64 and "gemma3.final_logit_softcapping" not in got
+
+
+def test_deepseek2_metadata_is_mla_as_mqa(build):
+    got = fields(build("deepseek_v3", "f16")[0])
+    expected = {"attention.head_count_kv": 1, "attention.key_length": 256 + 32, "attention.value_length": 256,
+                "attention.key_length_mla": 64, "attention.value_length_mla": 64, "attention.kv_lora_rank": 256,
+                "attention.q_lora_rank": 256, "rope.dimension_count": 32,
+                "leading_dense_block_count": 1, "expert_count": 4, "expert_used_count": 2, "expert_shared_count": 1,
+                "expert_feed_forward_length": 256, "expert_weights_scale": 2.5, "expert_weights_norm": True,
+                "expert_gating_func": int(gguf.ExpertGatingFuncType.SIGMOID), "expert_group_count": 1,
+                "expert_group_used_count": 1}  # fmt: skip
+    assert {k: got[f"deepseek2.{k}"] for k in expected} == pytest.approx(expected)
+
+
+def test_deepseek_kv_b_is_split_as_llama_cpp_absorbs_it(build, tiny_model):
+    """kv_b [heads·(nope+v), rank] -> k_b [heads, rank, nope] and v_b [heads, v, rank] (torch order)."""
+    source = load_file(tiny_model("deepseek_v3-gguf") / "model.safetensors")
+    tensors = {t.name: t for t in gguf.GGUFReader(build("deepseek_v3", "f16")[0]).tensors}
+    kv_b = source["model.layers.1.self_attn.kv_b_proj.weight"].reshape(4, 32 + 64, 256)
+    for name, want in (("attn_k_b", kv_b[:, :32].transpose(1, 2)), ("attn_v_b", kv_b[:, 32:])):
+        got = tensors[f"blk.1.{name}.weight"]
+        np.testing.assert_array_equal(np.array(got.data).reshape(want.shape), want.half().numpy(), err_msg=name)
+    assert "blk.1.attn_kv_b.weight" not in tensors
+    assert tensors["blk.1.exp_probs_b.bias"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # the router
+    assert "blk.0.ffn_gate.weight" in tensors and "blk.0.ffn_gate_exps.weight" not in tensors  # the dense layer
+
+
+def test_gpt_oss_experts_are_deinterleaved_and_transposed(build, tiny_model):
+    source = load_file(tiny_model("gpt_oss-gguf") / "model.safetensors")
+    tensors = {t.name: t for t in gguf.GGUFReader(build("gpt_oss", "f16")[0]).tensors}
+    gate_up = source["model.layers.0.mlp.experts.gate_up_proj"]  # [experts, hidden, 2·inter], gate and up interleaved
+    bias = source["model.layers.0.mlp.experts.gate_up_proj_bias"]
+    for part, index in (("gate", 0), ("up", 1)):
+        want = gate_up[..., index::2].transpose(1, 2)
+        got = tensors[f"blk.0.ffn_{part}_exps.weight"]
+        np.testing.assert_array_equal(np.array(got.data).reshape(want.shape), want.half().numpy(), err_msg=part)
+        got_bias = np.array(tensors[f"blk.0.ffn_{part}_exps.bias"].data).reshape(4, -1)
+        np.testing.assert_array_equal(got_bias, bias[..., index::2].numpy(), err_msg=part)
+    assert "blk.0.attn_sinks.weight" in tensors
+
+
+def test_mtp_layers_are_left_out_as_llama_cpp_converter_does(build, tiny_model, tmp_path):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers; llama.cpp's deepseek2 file
+    has none (its converter skips it)."""
+    from safetensors.torch import save_file
+
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.formats.gguf import plan_tensors
+    from pipeline.formats.gguf_arch import architecture
+
+    source = edited(tiny_model("deepseek_v3-gguf"), tmp_path)
+    tensors = load_file(source.path / "model.safetensors")
+    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(256, 512)
+    save_file(tensors, source.path / "model.safetensors", metadata={"format": "pt"})
+    config = source.config()
+    Format.for_target(Target(format="gguf", quant="f16")).check(source)
+    plan = plan_tensors(Checkpoint(source.path), architecture("deepseek_v3", config), config, "f16")
+    built = {t.name for t in gguf.GGUFReader(build("deepseek_v3", "f16")[0]).tensors}
+    assert {p.gguf_name for p in plan} == built and not any(name.startswith("blk.2.") for name in built)
+
+
+def edited(folder, tmp_path, **changes):
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, **changes}))
+    return inspect_checkpoint(copy)
+
+
+def test_mxfp4_packed_gpt_oss_experts_are_refused(tiny_model, tmp_path):
+    """The released gpt-oss checkpoints keep their experts MXFP4-packed (`*_blocks`, `*_scales`): refused by name."""
+    from safetensors.torch import save_file
+
+    source = edited(tiny_model("gpt_oss-gguf"), tmp_path)
+    tensors = load_file(source.path / "model.safetensors")
+    tensors["model.layers.0.mlp.experts.down_proj_blocks"] = tensors.pop("model.layers.0.mlp.experts.down_proj")
+    save_file(tensors, source.path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"down_proj_blocks is an MXFP4-packed expert tensor"):
+        Format.for_target(Target(format="gguf", quant="f16")).check(source)
+
+
+@pytest.mark.parametrize(
+    "model,changes,why",
+    [("gemma3_text", {"query_pre_attn_scalar": 128}, r"scales attention by 1/sqrt\(64\), this checkpoint by "
+                                                      r"query_pre_attn_scalar 128"),
+     ("gpt_oss", {"swiglu_limit": 5.0}, r"gpt-oss assumes swiglu_limit: 7\.0, this checkpoint has 5\.0"),
+     ("deepseek_v3", {"rope_interleave": False}, r"deepseek2 assumes rope_interleave: True")],
+)  # fmt: skip
+def test_configs_llama_cpp_would_compute_differently_are_refused(tiny_model, tmp_path, model, changes, why):
+    with pytest.raises(FormatError, match=why):
+        Format.for_target(Target(format="gguf", quant="f16")).check(
+            edited(tiny_model(f"{model}-gguf"), tmp_path, **changes)
+        )
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_next", "gemma4_text", "llama4_text"])
+def test_families_not_converted_yet_are_refused_with_their_reason(tiny_model, tmp_path, model_type):
+    source = edited(tiny_model("llama"), tmp_path, model_type=model_type)
+    why = re.escape(archs.arch(model_type).gguf_refused)
+    assert why
+    with pytest.raises(FormatError, match=rf"does not support architecture '{model_type}': {why} \(supported: "):
+        Format.for_target(Target(format="gguf", quant="f16")).check(source)
+
+
+def test_qwen35_value_heads_are_tiled_and_a_is_negative_exp(build, tiny_model):
+    """4 value heads over 2 key heads: grouped by key head in the checkpoint, tiled in the file (v0k0 v0k1 v1k0 ...)."""
+    source = load_file(tiny_model("qwen3_5_text-gguf") / "model.safetensors")
+    tensors = {t.name: t for t in gguf.GGUFReader(build("qwen3_5_text", "f16")[0]).tensors}
+    a_log = source["model.layers.0.linear_attn.A_log"]
+    np.testing.assert_allclose(np.array(tensors["blk.0.ssm_a"].data), -torch.exp(a_log)[[0, 2, 1, 3]].numpy())
+    z = source["model.layers.0.linear_attn.in_proj_z.weight"].reshape(2, 2, 64, 256).transpose(0, 1).reshape(256, 256)
+    np.testing.assert_array_equal(np.array(tensors["blk.0.attn_gate.weight"].data), z.half().numpy())
+    assert tensors["blk.0.ssm_conv1d.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    assert "blk.3.attn_q.weight" in tensors and "blk.3.ssm_a" not in tensors  # the full-attention layer
+
+
+def test_qwen35_layer_kinds_llama_cpp_would_not_place_are_refused(tiny_model, tmp_path):
+    kinds = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+    with pytest.raises(FormatError, match=r"qwen35 needs every 4th layer full attention"):
+        Format.for_target(Target(format="gguf", quant="f16")).check(edited(tiny_model("qwen3_5_text-gguf"), tmp_path,
+                                                                            layer_types=kinds))  # fmt: skip
