@@ -90,7 +90,7 @@ TINY_CONFIGS = {
         pad_token_id=0,
     ),
     # the 2026 families (MLX through mlx-lm). Hybrids have both layer kinds; transformers saves a text-only Qwen 3.5
-    # as `qwen3_5_text` (the table's `qwen3_5` row)
+    # as `qwen3_5_text` (its own row; the `qwen3_5` row is the released multimodal form)
     "qwen3_5_text": dict(HYBRID),
     "qwen3_5_moe_text": dict(HYBRID, **HYBRID_MOE),
     "qwen3_next": dict(HYBRID, **HYBRID_MOE, decoder_sparse_step=1, norm_topk_prob=True),
@@ -174,6 +174,13 @@ TINY_CONFIGS = {
     ),
 }
 
+# Qwen 3.5's language model for GGUF: three Gated DeltaNet layers and one full-attention layer; 4 value heads over 2
+# key heads (llama.cpp tiles them)
+QWEN35_GGUF = dict(SMALL, hidden_size=256, num_hidden_layers=4, head_dim=64, linear_num_key_heads=2,
+                   linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64, rms_norm_eps=1e-6,
+                   tie_word_embeddings=False, initializer_range=0.05)  # fmt: skip
+VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256)  # one vision block
+
 # the 2026 families for GGUF (`<model_type>-gguf` in TINY_MODELS): hidden and intermediate sizes multiples of 256,
 # so that llama.cpp's K-quants apply, and sliding windows shorter than the test prompts
 GGUF_CONFIGS = {
@@ -218,47 +225,23 @@ GGUF_CONFIGS = {
         tie_word_embeddings=False,
         initializer_range=0.05,
     ),
-    # three Gated DeltaNet layers and one full-attention layer; 4 value heads over 2 key heads (llama.cpp tiles them)
-    "qwen3_5_text": dict(
-        SMALL,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        head_dim=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=64,
-        linear_value_head_dim=64,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        initializer_range=0.05,
-    ),
+    "qwen3_5_text": dict(QWEN35_GGUF, intermediate_size=512),
     # the released form: the language model above inside a multimodal checkpoint, with a one-block vision tower
     "qwen3_5": dict(
         text_config=None,  # filled in below, from qwen3_5_text
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        vision_config=VISION,
         tie_word_embeddings=False,
     ),
     "qwen3_5_moe_text": dict(
-        SMALL,
-        hidden_size=256,
-        num_hidden_layers=4,
-        head_dim=64,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=64,
-        linear_value_head_dim=64,
+        QWEN35_GGUF,
         num_experts=4,
         num_experts_per_tok=2,
         moe_intermediate_size=256,
         shared_expert_intermediate_size=256,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        initializer_range=0.05,
-    ),
+    ),  # fmt: skip
     "qwen3_5_moe": dict(
         text_config=None,  # filled in below, from qwen3_5_moe_text
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256),
+        vision_config=VISION,
         tie_word_embeddings=False,
     ),
     "gpt_oss": dict(
@@ -465,6 +448,15 @@ def run_target(recipe, source, key: str, steps=None, force: bool = False, inputs
         if planned.key == key and (steps is None or planned.step in steps) and should_run(planned, current):
             current = run_step(recipe, source, plan, planned, current, {k: inputs[k] for k in planned.inputs}, force)
     return current
+
+
+def kl_divergence(reference, other) -> float:
+    """Mean KL divergence from `reference`'s next-token distributions to `other`'s (logits [positions, vocab])."""
+    import torch
+
+    p = torch.log_softmax(torch.as_tensor(reference), -1)
+    q = torch.log_softmax(torch.as_tensor(other), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
 
 
 def write_recipe(folder: Path, source: Path | str, targets: list[tuple[str, str]], **validation) -> Path:

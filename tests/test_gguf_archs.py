@@ -24,7 +24,7 @@ from pipeline.formats.base import Format
 from pipeline.runtimes.llama_cpp import LlamaCppRuntime
 from pipeline.source import inspect_checkpoint, load_tokenizer
 from pipeline.types import FormatError, Target
-from tests.conftest import build_artifact
+from tests.conftest import build_artifact, kl_divergence
 
 # model_type -> llama.cpp's architecture
 ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35",
@@ -74,12 +74,6 @@ def llama_cpp_logits(path, ids) -> np.ndarray:
         runtime.close()
 
 
-def kl(reference: np.ndarray, other: np.ndarray) -> float:
-    p = torch.log_softmax(torch.from_numpy(reference), -1)
-    q = torch.log_softmax(torch.from_numpy(other), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 @pytest.mark.parametrize("model", [*ARCHS, *MULTIMODAL])
 def test_f16_logits_match_transformers(build, reference, model):
     ids, want = reference(model)
@@ -101,7 +95,7 @@ def test_q4_k_m_stays_close_to_transformers(build, reference, model):
     assert info["route"] == "llama.cpp" and info["tensor_types"].get("Q4_K", 0) >= 4, info["tensor_types"]
     ids, want = reference(model)
     got = llama_cpp_logits(path, ids)
-    divergence = kl(want, got)
+    divergence = kl_divergence(want, got)
     print(f"{model}: Q4_K_M KL to transformers {divergence:.4f}, tensor types {info['tensor_types']}")
     assert divergence < 0.25  # measured 0.02-0.04, 0.10-0.17 with the Gated DeltaNet; layouts are checked at F16
 

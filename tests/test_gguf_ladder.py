@@ -18,7 +18,7 @@ from pipeline.quantizers import imatrix as gguf_imatrix
 from pipeline.runtimes.llama_cpp import LlamaCppRuntime
 from pipeline.source import inspect_checkpoint, load_tokenizer
 from pipeline.types import Calibration
-from tests.conftest import build_artifact
+from tests.conftest import build_artifact, kl_divergence
 from tests.test_gguf import ggml_quantize
 
 CALIBRATION = Calibration(samples=8, seq_len=128)
@@ -67,12 +67,6 @@ def logits(folder, ids) -> np.ndarray:
         runtime.close()
 
 
-def kl_to(reference: np.ndarray, other: np.ndarray) -> float:
-    p = torch.log_softmax(torch.from_numpy(reference), -1)
-    q = torch.log_softmax(torch.from_numpy(other), -1)
-    return float((p.exp() * (p - q)).sum(-1).mean())
-
-
 LADDER = {  # quant -> the tensor type that must carry most weight matrices
     "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1", "q2_k": "Q2_K", "q3_k_m": "Q3_K",
     "q4_k_s": "Q4_K", "q4_k_m": "Q4_K", "q5_k_m": "Q5_K", "q6_k": "Q6_K", "iq4_xs": "IQ4_XS",
@@ -96,7 +90,7 @@ def test_ladder_builds_with_llama_cpp_types_and_runs(build, quant, text_ids):
 
 def test_more_bits_stay_closer_to_the_source(build, text_ids):
     f16 = logits(build("f16")[0], text_ids)
-    kl = {q: kl_to(f16, logits(build(q)[0], text_ids)) for q in ("q2_k", "q4_k_m", "q6_k")}
+    kl = {q: kl_divergence(f16, logits(build(q)[0], text_ids)) for q in ("q2_k", "q4_k_m", "q6_k")}
     assert kl["q6_k"] < kl["q4_k_m"] < kl["q2_k"], kl
     assert kl["q6_k"] < 0.01
 
