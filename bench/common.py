@@ -7,8 +7,9 @@ import tempfile
 import time
 
 
-def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MB) of one child process and everything it starts; raises if it fails.
+def measure(cmd: list[str], env: dict | None = None, stop_when=None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process and everything it starts; raises if it fails. With
+    `stop_when`, the child is killed (SIGKILL) once `stop_when()` is true, and that is not a failure.
 
     The peak is the larger of the child's own high-water mark (VmHWM, which catches short spikes) and the largest
     sum of resident memory over the child and its descendants seen while polling (tools that do their work in a
@@ -18,12 +19,16 @@ def measure(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
     with tempfile.TemporaryFile() as log:  # a pipe would fill up with llama-quantize's log and stall it
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        peak_kb = 0
+        peak_kb, stopped = 0, False
         while proc.poll() is None:
             peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid), _tree_rss_kb(psutil, proc.pid))
+            if stop_when is not None and stop_when():
+                proc.kill()
+                proc.wait()
+                stopped = True
             time.sleep(0.01)
         wall = time.perf_counter() - start
-        if proc.returncode != 0:
+        if proc.returncode != 0 and not stopped:
             log.seek(0)
             raise RuntimeError(f"{cmd[:3]} failed: {log.read().decode(errors='replace')[-2000:]}")
     return wall, peak_kb / 1024

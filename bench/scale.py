@@ -22,17 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.common import _tree_rss_kb, _vm_hwm_kb, print_table  # noqa: E402
+from bench.common import measure as common_measure  # noqa: E402
+from bench.common import print_table  # noqa: E402
 
 SHARD = 2 * 1024**3
 # parameters (billions) -> hidden, intermediate, layers, heads, kv heads
@@ -87,23 +86,10 @@ def make_checkpoint(folder: Path, billions: float, tokenizer: Path) -> dict:
 
 
 def measure(cmd: list[str], stop_when=None) -> tuple[float, float, bool]:
-    """(wall seconds, peak RSS MB, stopped) of one child process tree; `stop_when()` true: SIGKILL it there."""
-    import psutil
-
-    with tempfile.TemporaryFile() as log:
-        start, peak_kb, stopped = time.perf_counter(), 0, False
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)})
-        while proc.poll() is None:
-            peak_kb = max(peak_kb, _vm_hwm_kb(proc.pid), _tree_rss_kb(psutil, proc.pid))
-            if stop_when is not None and stop_when():
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
-                stopped = True
-            time.sleep(0.05)
-        if proc.returncode != 0 and not stopped:
-            log.seek(0)
-            raise RuntimeError(f"{cmd[3:6]} failed: {log.read().decode(errors='replace')[-2000:]}")
-    return time.perf_counter() - start, peak_kb / 1024, stopped
+    """(wall seconds, peak RSS MB, stopped) of one stage's process tree (bench.common.measure); stopped: killed by
+    `stop_when` (its finished layers are still on disk; a completed GPTQ build removes them)."""
+    wall, peak = common_measure(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, stop_when)
+    return wall, peak, stop_when is not None and stop_when()
 
 
 def stage(argv: list[str]) -> None:
