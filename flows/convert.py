@@ -11,6 +11,7 @@ under a deployment. Under a deployment, a step whose preferred hardware this mac
 
 from __future__ import annotations
 
+import logging
 from typing import NamedTuple
 
 from prefect import flow, get_run_logger, task
@@ -38,6 +39,11 @@ from pipeline.types import (
     now,
     one_line,
 )
+
+# Prefect gives the `weightsmith` logger its handlers (PREFECT_LOGGING_EXTRA_LOGGERS) but not a level, so the root's
+# WARNING would keep the library's progress lines out of the flow run's logs
+if logging.getLogger("weightsmith").level == logging.NOTSET:
+    logging.getLogger("weightsmith").setLevel(logging.INFO)
 
 
 def _transient(task, task_run, state) -> bool:
@@ -94,7 +100,7 @@ def convert(recipe_path: str, only: list[str] | None = None, force: bool = False
             if isinstance(info, str):
                 raise InputError(info)
             manifests = steps.execute(plan, lambda step, current, inputs: run_step(recipe, info, plan, step, current,
-                                                                                    inputs, handoff))  # fmt: skip
+                                                                                    inputs, handoff), info)  # fmt: skip
             summary = steps.summarize(recipe, info, manifests, started)
     except (InputError, OutputBusy, OSError) as exc:
         return Failed(message=f"exit {exit_code(exc).value}: {one_line(exc)}")

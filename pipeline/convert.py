@@ -47,13 +47,14 @@ from pipeline.corpus import calibration_samples, load_text
 from pipeline.files import readable_by_all, replace_dir, staging_dir, write_json
 from pipeline.formats.base import BuildContext, Format, engine_not_run
 from pipeline.handoff import chat_info, write_handoff
+from pipeline.lanes import Lane, lanes, run_lanes
 from pipeline.lock import output_lock
 from pipeline.plan import Plan, PlannedStep, make_plan
 from pipeline.recipe import Recipe
 from pipeline.reference import cache_folder, eval_chunks, reference
 from pipeline.reference import mode as reference_mode
 from pipeline.report import write_report
-from pipeline.resources import PROCESS, machine_free, model_size, reference_memory, shortfalls
+from pipeline.resources import GB, PROCESS, Needs, machine_free, model_size, reference_memory, shortfalls
 from pipeline.source import load_tokenizer, resolve_source
 from pipeline.types import (
     MANIFEST,
@@ -120,19 +121,52 @@ def preflight(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
 def check_resources(recipe: Recipe, plan: Plan, source: SourceInfo) -> None:
     """NotEnoughResources, before anything runs, when the plan's largest step or its artifacts will not fit here
     (estimates: pipeline.resources and each format's `needs`)."""
-    size = model_size(Checkpoint(source.path), source.config())
-    needs = {key: fmt.needs(size, recipe.validation, recipe.calibration) for key, fmt in plan.formats.items()}
-    held_out = load_text(recipe.validation.held_out, "held_out")
-    cached = (cache_folder(source, recipe.validation, recipe.dtype, held_out) / "reference.json").is_file()
+    needs, reference_bytes = estimates(recipe, plan, source)
     memory, disk = machine_free(recipe.output_dir())
-    streamed = reference_mode(source, recipe.validation, recipe.dtype, memory, size) == "streamed"
-    reference_bytes = 0 if cached else reference_memory(size, recipe.validation, recipe.dtype, streamed)
     if problems := shortfalls(needs, reference_bytes, memory, disk):
         raise NotEnoughResources(f"{recipe.name}: {'; '.join(problems)}: run it on a larger machine, convert "
                                  f"fewer targets per run, or set check_resources: false if the estimate is "
                                  f"wrong")  # fmt: skip
     peak = max([reference_bytes, *(b for n in needs.values() for b in n.memory.values())]) + PROCESS
     log.info("resources: the largest step needs about %.1f GB of the %.1f GB available", peak / 1e9, memory / 1e9)
+
+
+def estimates(recipe: Recipe, plan: Plan, source: SourceInfo) -> tuple[dict[str, Needs], int]:
+    """Each target's estimated needs, and the memory of the reference pass (0 when its results are cached)."""
+    size = model_size(Checkpoint(source.path), source.config())
+    needs = {key: fmt.needs(size, recipe.validation, recipe.calibration) for key, fmt in plan.formats.items()}
+    held_out = load_text(recipe.validation.held_out, "held_out")
+    if (cache_folder(source, recipe.validation, recipe.dtype, held_out) / "reference.json").is_file():
+        return needs, 0
+    streamed = reference_mode(source, recipe.validation, recipe.dtype, machine_free(recipe.output_dir())[0],
+                              size) == "streamed"  # fmt: skip
+    return needs, reference_memory(size, recipe.validation, recipe.dtype, streamed)
+
+
+def execute(plan: Plan, runner: Runner, source: SourceInfo | None = None) -> list[Manifest]:
+    """Run every step of the plan that has something to do, each target's steps in order and each target after the
+    ones it is made from, up to `concurrency.targets` targets at once within the memory budget (`pipeline.lanes`;
+    `source` gives the memory estimates); return each target's final manifest."""
+
+    def run_lane(lane: Lane, finished: dict[str, Manifest]) -> Manifest:
+        current = None
+        for step in lane.steps:
+            if should_run(step, current):
+                current = runner(step, current, {k: finished[k] for k in step.inputs})
+        return current
+
+    concurrency = plan.recipe.concurrency
+    if concurrency.targets <= 1 or source is None:
+        results = run_lanes(lanes(plan), run_lane)
+    else:
+        needs, reference_bytes = estimates(plan.recipe, plan, source)
+        memory = {key: max([*n.memory.values(), reference_bytes if Step.VALIDATE in n.memory else 0])
+                  for key, n in needs.items()}  # fmt: skip
+        budget = int(concurrency.memory_gb * GB) if concurrency.memory_gb else machine_free(
+            plan.recipe.output_dir())[0] - PROCESS  # fmt: skip
+        log.info("up to %d targets at once within %.1f GB", concurrency.targets, budget / GB)
+        results = run_lanes(lanes(plan, memory), run_lane, concurrency.targets, budget)
+    return [results[t.key] for t in plan.recipe.targets]
 
 
 def should_run(step: PlannedStep, current: Manifest | None) -> bool:
@@ -146,16 +180,6 @@ def should_run(step: PlannedStep, current: Manifest | None) -> bool:
     if step.step in (Step.ENGINE, Step.SERVE):
         return current.status == Status.OK
     return True  # publish: a new artifact, or the record of why there is none
-
-
-def execute(plan: Plan, runner: Runner) -> list[Manifest]:
-    """Run every step of the plan that has something to do, in order; return each target's final manifest."""
-    results: dict[str, Manifest] = {}
-    for step in plan.steps:
-        current = results.get(step.key)
-        if should_run(step, current):
-            results[step.key] = runner(step, current, {k: results[k] for k in step.inputs})
-    return [results[t.key] for t in plan.recipe.targets]
 
 
 def run_step(recipe: Recipe, source: SourceInfo, plan: Plan, step: PlannedStep, current: Manifest | None,
@@ -180,7 +204,7 @@ def run_recipe(recipe: Recipe, force: bool = False) -> dict[str, Any]:
     with output_lock(recipe.output_dir()):
         source = prepare(recipe, plan)
         manifests = execute(plan, lambda step, current, inputs: run_step(recipe, source, plan, step, current, inputs,
-                                                                         force))  # fmt: skip
+                                                                         force), source)  # fmt: skip
         return summarize(recipe, source, manifests, started)
 
 

@@ -16,7 +16,17 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from pipeline import storage
 from pipeline.formats import FORMATS
 from pipeline.formats.base import Format
-from pipeline.types import Budget, Calibration, FormatError, RecipeError, SourceSpec, Strict, Target, Validation
+from pipeline.types import (
+    Budget,
+    Calibration,
+    Concurrency,
+    FormatError,
+    RecipeError,
+    SourceSpec,
+    Strict,
+    Target,
+    Validation,
+)
 
 
 class RecipeTarget(Target):
@@ -68,6 +78,8 @@ class Recipe(Strict):
     trust_remote_code: bool = False
     # refuse to start when the estimated memory or disk (pipeline.resources) exceeds what the machine has
     check_resources: bool = True
+    # targets built and validated at once in one run, within a memory budget (pipeline.lanes); 1: one after another
+    concurrency: Concurrency = Field(default_factory=Concurrency)
 
     @field_validator("source", mode="before")
     @classmethod

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from pathlib import Path
 
 from pipeline.corpus import load_text
@@ -48,6 +49,7 @@ from pipeline.types import InputError, SourceInfo, Validation
 
 VERSION = 2  # bump when what is stored or how it is computed changes
 log = logging.getLogger("weightsmith")
+_computing = threading.Lock()  # targets validated side by side (pipeline.lanes) compute it once, not each
 
 
 def reference(source: SourceInfo, validation: Validation, dtype: str = "float32") -> Reference:
@@ -55,19 +57,24 @@ def reference(source: SourceInfo, validation: Validation, dtype: str = "float32"
     once per source, text and settings, then read from the cache."""
     held_out = load_text(validation.held_out, "held_out")
     folder = cache_folder(source, validation, dtype, held_out)
-    if not (folder / "reference.json").is_file():
-        how = mode(source, validation, dtype)
-        log.info("reference: running the source model in transformers (%s, %s) on %d held-out tokens", dtype, how,
-                 validation.eval_tokens)  # fmt: skip
-        if how == "streamed":
-            from pipeline import reference_stream
-
-            computed = reference_stream.compute(source, validation, dtype, held_out)
-        else:
-            computed = _compute(source, validation, dtype, held_out)
-        with staging_dir(folder) as tmp:
-            computed.save(tmp)
+    with _computing:
+        if not (folder / "reference.json").is_file():
+            _compute_into(folder, source, validation, dtype, held_out)
     return load(folder, source.path)
+
+
+def _compute_into(folder: Path, source: SourceInfo, validation: Validation, dtype: str, held_out: str) -> None:
+    how = mode(source, validation, dtype)
+    log.info("reference: running the source model in transformers (%s, %s) on %d held-out tokens", dtype, how,
+             validation.eval_tokens)  # fmt: skip
+    if how == "streamed":
+        from pipeline import reference_stream
+
+        computed = reference_stream.compute(source, validation, dtype, held_out)
+    else:
+        computed = _compute(source, validation, dtype, held_out)
+    with staging_dir(folder) as tmp:
+        computed.save(tmp)
 
 
 def mode(source: SourceInfo, validation: Validation, dtype: str, memory_free: int | None = None, size=None) -> str:

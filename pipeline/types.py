@@ -152,6 +152,14 @@ class Calibration(Strict):
     seed: int = 0
 
 
+class Concurrency(Strict):
+    """How many of a recipe's targets run at once on one machine (pipeline.lanes)."""
+
+    targets: int = Field(default=1, ge=1)
+    # the sum of the running targets' estimated peak memory stays within this; None: the memory available at start
+    memory_gb: float | None = Field(default=None, gt=0)
+
+
 class Budget(Strict):
     """Quality limits for one target; a measured figure outside any of them fails the target."""
 

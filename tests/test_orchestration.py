@@ -1,4 +1,4 @@
-"""Running it for real: resume after a crash, the batch flow, and deployments on a Prefect server with a worker."""
+"""Running it for real: resume after a crash, the batch flow, and deployments on a Prefect server with workers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -141,7 +142,8 @@ def free_port() -> int:
 
 @pytest.fixture
 def prefect_server(tmp_path):
-    """A real Prefect server on a free loopback port (SQLite in a temporary PREFECT_HOME) and a `cpu` worker."""
+    """A real Prefect server on a free loopback port (SQLite in a temporary PREFECT_HOME), two process workers of
+    the `cpu` pool (`cpu-a`, `cpu-b`, as if on two machines; at most 2 flow runs each) and one of `apple`."""
     import httpx
 
     port = free_port()
@@ -149,10 +151,10 @@ def prefect_server(tmp_path):
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1",
            "PREFECT_LOGGING_EXTRA_LOGGERS": "weightsmith", "PWD": str(REPO),
            "PREFECT_WORKER_QUERY_SECONDS": "2"}  # workers look for flow runs every 2 s, not 10  # fmt: skip
-    logs = [(tmp_path / f"{name}.log").open("w") for name in ("server", "worker", "apple-worker")]
+    logs = [(tmp_path / f"{name}.log").open("w") for name in ("server", "cpu-a", "cpu-b", "apple-worker")]
     server = subprocess.Popen([PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)], env=env,
                               stdout=logs[0], stderr=subprocess.STDOUT)  # fmt: skip
-    worker = apple = None
+    workers = []
     try:
         deadline = time.monotonic() + 240
         while True:
@@ -169,16 +171,18 @@ def prefect_server(tmp_path):
         deploy = subprocess.run([PREFECT, "--no-prompt", "deploy", "--all"], env=env, cwd=REPO, capture_output=True,
                                 text=True)  # fmt: skip
         assert deploy.returncode == 0, deploy.stdout + deploy.stderr
-        worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--type", "process"], env=env,
-                                  cwd=tmp_path, stdout=logs[1], stderr=subprocess.STDOUT)  # fmt: skip
-        # a second worker on this machine plays the Mac: it declares `apple` hardware (its MLX runs on MLX's CPU
+        for name, log in zip(("cpu-a", "cpu-b"), logs[1:3]):
+            workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "cpu", "--type", "process",
+                                             "--name", name, "--limit", "2"], env=env, cwd=tmp_path, stdout=log,
+                                            stderr=subprocess.STDOUT))  # fmt: skip
+        # another worker on this machine plays the Mac: it declares `apple` hardware (its MLX runs on MLX's CPU
         # backend, and the manifest says so)
-        apple = subprocess.Popen([PREFECT, "worker", "start", "--pool", "apple", "--type", "process"],
-                                 env={**env, "WEIGHTSMITH_HARDWARE": "cpu,apple"}, cwd=tmp_path, stdout=logs[2],
-                                 stderr=subprocess.STDOUT)  # fmt: skip
+        workers.append(subprocess.Popen([PREFECT, "worker", "start", "--pool", "apple", "--type", "process"],
+                                        env={**env, "WEIGHTSMITH_HARDWARE": "cpu,apple"}, cwd=tmp_path,
+                                        stdout=logs[3], stderr=subprocess.STDOUT))  # fmt: skip
         yield env
     finally:
-        for process in (worker, apple, server):
+        for process in (*workers, server):
             if process is not None:
                 process.terminate()
                 try:
@@ -251,12 +255,14 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     assert [(r["target"], r["status"]) for r in rows] == [("gguf/f16", "ok")]
     assert "convert-qwen2-5-0-5b-instruct" in tables
 
-    # batch under a deployment: each recipe submitted as its own flow run of convert/recipe, waited for together
-    recipes = tmp_path / "batch"
+    # batch under a deployment: each of three recipes submitted as its own flow run of convert/recipe, picked up by
+    # the two cpu workers (the batch run holds one of cpu-a's or cpu-b's 2 slots, so three recipes at once need both)
+    recipes, names = tmp_path / "batch", ("one", "two", "three")
     recipes.mkdir()
-    for name in ("one", "two"):
+    for name in names:
         (tmp_path / name).mkdir()
-        data = yaml.safe_load(write_recipe(tmp_path / name, tiny_model("llama"), [("gguf", "f16")]).read_text())
+        data = yaml.safe_load(write_recipe(tmp_path / name, tiny_model("llama"), [("gguf", "f16"), ("gguf", "q8_0")])
+                              .read_text())  # fmt: skip
         data["name"] = f"batch-{name}"
         (recipes / f"{name}.yaml").write_text(yaml.safe_dump(data))
     run = run_deployment(env, "batch/nightly", folder=str(recipes))
@@ -265,8 +271,18 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     deployments = {d["id"]: d["name"] for d in httpx.post(f"{env['PREFECT_API_URL']}/deployments/filter", json={},
                                                           timeout=10).json()}  # fmt: skip
     submitted = [r for r in runs if deployments.get(r["deployment_id"]) == "recipe"]
-    assert sorted(Path(r["parameters"]["recipe_path"]).name for r in submitted) == ["one.yaml", "two.yaml"]
+    assert sorted(Path(r["parameters"]["recipe_path"]).stem for r in submitted) == sorted(names)
     assert all(r["state_type"] == "COMPLETED" for r in submitted)
-    for name in ("one", "two"):
-        manifest = tmp_path / name / "artifacts" / f"batch-{name}" / "gguf-f16" / "manifest.json"
-        assert json.loads(manifest.read_text())["status"] == "ok"
+    for name in names:
+        for folder in ("gguf-f16", "gguf-q8_0"):
+            manifest = json.loads((tmp_path / name / "artifacts" / f"batch-{name}" / folder / "manifest.json")
+                                  .read_text())  # fmt: skip
+            assert manifest["status"] == "ok" and manifest["steps"]["validate"] == "ok", manifest
+    # the three flow runs ran at the same time (one instant inside all three), on both workers
+    starts = [datetime.fromisoformat(r["start_time"]) for r in submitted]
+    ends = [datetime.fromisoformat(r["end_time"]) for r in submitted]
+    assert max(starts) < min(ends), list(zip(starts, ends))
+    ran_by = {r["id"]: [w for w in ("cpu-a", "cpu-b") if f"submitting flow run '{r['id']}'"
+                        in (tmp_path / f"{w}.log").read_text()] for r in submitted}  # fmt: skip
+    assert all(len(by) == 1 for by in ran_by.values()), ran_by
+    assert {by[0] for by in ran_by.values()} == {"cpu-a", "cpu-b"}, ran_by

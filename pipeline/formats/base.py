@@ -69,6 +69,8 @@ class Format:
     hardware: ClassVar[dict[Step, tuple[Hardware, ...]]]  # per step: the kinds it runs on, preferred first
     server_script: ClassVar[str | None] = None  # hand-off script that starts its server (adds the SERVE step)
     server: ClassVar[str] = ""  # that server, in words
+    # whether its steps may run in threads beside other targets' (pipeline.lanes); false: its target runs alone
+    shares_process: ClassVar[bool] = False
     registry: ClassVar[dict[str, type[Format]]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -76,6 +76,7 @@ class Options(BaseOptions):
 
 class Compressed(Format):
     name = "compressed"
+    shares_process = True  # torch and compressed-tensors: safe beside other targets (pipeline.lanes)
     quants = ("w4a16", "w8a8", "fp8")
     extra = "compressed"
     library = "transformers"

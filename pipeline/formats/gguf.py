@@ -251,6 +251,9 @@ def model_files(folder: Path) -> list[Path]:
 
 class GGUF(Format):
     name = "gguf"
+    shares_process = (
+        True  # our writer, then llama.cpp through ctypes (releases the GIL): safe beside other targets (pipeline.lanes)
+    )
     quants = (*DIRECT, *LLAMA_CPP)
     extra = "gguf"
     library = "gguf"

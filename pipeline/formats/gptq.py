@@ -85,6 +85,7 @@ def bits(quant: str) -> int:
 
 class GPTQ(Format):
     name = "gptq"
+    shares_process = True  # torch, layer by layer: safe beside other targets (pipeline.lanes)
     quants = ("int4", "int8")
     extra = "gptq"
     library = "transformers"
