@@ -31,7 +31,9 @@ EXPECTED = {  # quant -> (format, weight type, bits, strategy, input activations
     "w4a16": ("pack-quantized", "int", 4, "group", None),
     "w8a8": ("int-quantized", "int", 8, "channel", ("int", "token")),
     "fp8": ("float-quantized", "float", 8, "channel", ("float", "token")),
+    "nvfp4": ("nvfp4-pack-quantized", "float", 4, "tensor_group", None),
 }
+NVFP4_TOP1, NVFP4_KL = 0.1, 1.5  # measured on the tiny random llama: top-1 0.22, KL 0.62 (ratio 1.083)
 _GPTQ: dict = {}
 _BUILT: dict = {}
 
@@ -73,7 +75,7 @@ def tensors_of(folder):
     return found
 
 
-@pytest.mark.parametrize("quant", ["w4a16", "w8a8", "fp8"])
+@pytest.mark.parametrize("quant", ["w4a16", "w8a8", "fp8", "nvfp4"])
 def test_each_quant_writes_the_librarys_config_and_layout(built, quant):
     from compressed_tensors.quantization import QuantizationConfig
 
@@ -100,6 +102,13 @@ def test_each_quant_writes_the_librarys_config_and_layout(built, quant):
         assert tensors[f"{layer}.weight_scale"].shape == (32, 2) and tensors[f"{layer}.weight_scale"].dtype == (
             torch.float16)  # fmt: skip
         assert tensors[f"{layer}.weight_shape"].tolist() == [32, 64]
+    elif quant == "nvfp4":  # two FP4 per byte, an FP8 scale per 16 inputs, one float32 global scale
+        assert names == {"weight_packed", "weight_scale", "weight_global_scale"}
+        assert tensors[f"{layer}.weight_packed"].dtype == torch.uint8 and tensors[f"{layer}.weight_packed"].shape == (
+            32, 32)  # fmt: skip
+        assert tensors[f"{layer}.weight_scale"].dtype == torch.float8_e4m3fn
+        assert tensors[f"{layer}.weight_scale"].shape == (32, 4)
+        assert tensors[f"{layer}.weight_global_scale"].dtype == torch.float32
     else:
         assert names == {"weight", "weight_scale"} and tensors[f"{layer}.weight_scale"].shape == (32, 1)
         assert tensors[f"{layer}.weight"].dtype == (torch.int8 if quant == "w8a8" else torch.float8_e4m3fn)
@@ -127,6 +136,49 @@ def test_w4a16_holds_the_gptq_artifacts_levels_and_scales(built, gptq):
     for name, tensor in theirs.items():  # everything that is not a GPTQ linear is the artifact's, as stored
         if not name.endswith(ct.GPTQ_TENSORS):
             assert torch.equal(ours[name], tensor), name
+
+
+FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])  # magnitudes of codes 0-7; bit 3 is the sign
+
+
+def decode_nvfp4(packed, scale, global_scale):
+    """NVFP4 by its definition, not the library's code: two E2M1 codes per byte, the first in the low nibble; each
+    group of 16 times its FP8 scale over the tensor's global scale."""
+    codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).long()
+    values = FP4_E2M1[codes & 7] * torch.where(codes & 8 > 0, -1.0, 1.0)
+    return (values.reshape(values.shape[0], -1, 16) * (scale.float() / global_scale)[..., None]).reshape(values.shape)
+
+
+def test_nvfp4_rounds_each_weight_to_the_nearest_point_of_its_groups_grid(built, tiny_llama):
+    folder, _, _ = built("nvfp4")
+    ours, source = tensors_of(folder), tensors_of(tiny_llama)
+    for linear in LINEARS:
+        name = f"model.layers.1.{linear}"
+        w = source[f"{name}.weight"].float()
+        packed, scale, global_scale = (ours[f"{name}.{k}"] for k in ("weight_packed", "weight_scale",
+                                                                      "weight_global_scale"))  # fmt: skip
+        assert global_scale.item() == pytest.approx(448 * 6 / w.abs().max().item(), rel=1e-6), name
+        groups = w.reshape(w.shape[0], -1, 16)
+        expected = (groups.abs().amax(-1) / 6 * global_scale).to(torch.float8_e4m3fn)
+        assert torch.equal(scale.float(), expected.float()), name
+        got = decode_nvfp4(packed, scale, global_scale)
+        step = (scale.float() / global_scale).repeat_interleave(16, dim=1)
+        grid = torch.cat([-FP4_E2M1.flip(0), FP4_E2M1])[None, None, :] * step[..., None]
+        nearest = (w[..., None] - grid).abs().min(-1).values
+        assert torch.all((w - got).abs() <= nearest + 1e-6 * step), name
+
+
+def test_nvfp4_refuses_inputs_not_in_whole_groups(tiny_llama, monkeypatch):
+    from pipeline.source import resolve_source
+    from pipeline.types import SourceSpec
+
+    source = resolve_source(SourceSpec(id=str(tiny_llama)))
+    fmt = Format.for_target(Target(format="compressed", quant="nvfp4"))
+    fmt.check(source)
+    monkeypatch.setattr(ct, "NVFP4_GROUP", 128)  # the tiny llama's linears take 64 or 128 inputs
+    with pytest.raises(FormatError, match=r"nvfp4 quantizes groups of 128 inputs: model\.layers\.0\.mlp\."
+                                          r"gate_proj\.weight has 64 \(use fp8 or w8a8"):  # fmt: skip
+        fmt.check(source)
 
 
 def decompress(runtime):
@@ -219,7 +271,8 @@ def test_transformers_computes_what_the_weights_and_the_activation_grid_say(buil
 
 # on the tiny random llama (measured): w8a8 ratio 1.0017, top-1 0.83, KL 0.008; fp8 0.9702, 0.54, 0.13 (its random
 # activations are far from a trained model's; SmolLM2 figures are in the README); w4a16 is GPTQ's 4-bit model
-@pytest.mark.parametrize(("quant", "top1", "kl"), [("w4a16", 0.1, 2.0), ("w8a8", 0.75, 0.03), ("fp8", 0.4, 0.3)])
+@pytest.mark.parametrize(("quant", "top1", "kl"), [("w4a16", 0.1, 2.0), ("w8a8", 0.75, 0.03), ("fp8", 0.4, 0.3),
+                                                    ("nvfp4", NVFP4_TOP1, NVFP4_KL)])  # fmt: skip
 def test_validation_scores_each_quant_in_transformers(built, gptq, quant, top1, kl):
     from pipeline.reference import reference
     from pipeline.runtimes.transformers import _dequantized_runtime
@@ -235,6 +288,8 @@ def test_validation_scores_each_quant_in_transformers(built, gptq, quant, top1, 
     assert result["smoke"]["validated_by"].startswith("transformers 5.") and "compressed-tensors 0.20" in result[
         "smoke"]["validated_by"]  # fmt: skip
     assert all(math.isfinite(quality[k]) for k in ("ppl", "ppl_ratio", "top1_agreement", "kl_mean"))
+    if quant == "nvfp4":  # compressed-tensors unpacks FP4 to bfloat16: transformers runs it in bfloat16
+        assert "weights decompressed to bfloat16" in result["smoke"]["validated_by"]
     assert 0.9 < quality["ppl_ratio"] < 1.2 and quality["top1_agreement"] > top1 and quality["kl_mean"] < kl
     if quant == "w4a16":  # the same weights as the GPTQ artifact: the same figures, to float rounding
         gptq_quality = compare(ref, _dequantized_runtime(gptq()))
@@ -298,7 +353,7 @@ def test_vllm_rules():
         assert ct.vllm_refusal(config) == f"vLLM's compressed-tensors rejects {actorder} act-order"
     weights.update(actorder="static", group_size=256)
     assert "group 256" in ct.vllm_refusal(config)
-    for quant in ("w8a8", "fp8"):
+    for quant in ("w8a8", "fp8", "nvfp4"):
         assert ct.vllm_refusal(json.loads(json.dumps(ct.quantization_config(ct.scheme(quant)).model_dump()))) is None
 
 

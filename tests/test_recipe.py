@@ -67,7 +67,7 @@ def test_unknown_keys_name_the_key_its_line_and_what_is_allowed(tmp_path):
     assert lines == [
         f"{tmp_path / 'recipe.yaml'}:3: targetz: unknown key 'targetz' (allowed here: name, source, dtype, targets, "
         "calibration, validation, output, dispatch_timeout_s, hardware_fallback, allow_pickle, trust_remote_code, "
-        "check_resources)",
+        "check_resources, concurrency)",
         f"{tmp_path / 'recipe.yaml'}:7: targets[0].opts: unknown key 'opts' "
         "(allowed here: format, quant, name, options)",
     ]

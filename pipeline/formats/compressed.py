@@ -14,6 +14,10 @@ embeddings, norms and lm_head stay 16-bit, the `ignore: ["lm_head"]` convention 
   activations quantized per token at run time (dynamic).
 - `fp8` (preset FP8_DYNAMIC, `float-quantized`): FP8 E4M3 weights per output channel, round-to-nearest; FP8
   activations per token, dynamic.
+- `nvfp4` (preset NVFP4A16, `nvfp4-pack-quantized`): FP4 E2M1 weights in groups of 16 with FP8 E4M3 group scales
+  under one float32 global scale per tensor (the library's `generate_gparam`: the largest group scale lands on FP8's
+  top), round-to-nearest; 16-bit activations. transformers runs it in bfloat16 only (compressed-tensors unpacks FP4
+  to bfloat16), so it is validated in bfloat16.
 
 Who does what: the library builds the `QuantizationScheme`/`QuantizationConfig` from its presets, computes the w8a8
 and fp8 scales (`calculate_qparams`, the min-max observer llm-compressor uses by default), quantizes and packs every
@@ -43,8 +47,8 @@ from pipeline.formats.base import BuildContext, Format, missing_modules, parse_s
 from pipeline.formats.base import Options as BaseOptions
 from pipeline.types import FormatError, Manifest, Serving, SourceInfo, Step, Validation
 
-PRESETS = {"w4a16": "W4A16", "w8a8": "W8A8", "fp8": "FP8_DYNAMIC"}
-STORED = {"w4a16": "pack-quantized", "w8a8": "int-quantized", "fp8": "float-quantized"}
+PRESETS = {"w4a16": "W4A16", "w8a8": "W8A8", "fp8": "FP8_DYNAMIC", "nvfp4": "NVFP4A16"}
+STORED = {"w4a16": "pack-quantized", "w8a8": "int-quantized", "fp8": "float-quantized", "nvfp4": "nvfp4-pack-quantized"}
 TARGETS, IGNORE = ["Linear"], ["lm_head"]
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 VLLM = "vLLM 0.32's compressed-tensors loader rules"
@@ -58,7 +62,13 @@ KERNELS = {
     "use a GPU or the AVX512 build",
     "fp8": "FP8 W8A8 kernels need a GPU of compute capability 8.9 or newer (vLLM falls back to weight-only FP8 on "
     "8.0); vLLM's CPU build was not tried with FP8",
+    "nvfp4": "NVFP4 weights need an NVIDIA GPU: FP4 tensor cores on Blackwell, a weight-only FP4 Marlin kernel on "
+    "older ones; vLLM's CPU build was not tried with NVFP4",
 }
+
+WEIGHTS = {"nvfp4": "round-to-nearest FP4 E2M1 in groups of 16, FP8 E4M3 group scales under a float32 global scale "
+                    "(compressed-tensors' generate_gparam and min-max qparams)"}  # fmt: skip
+NVFP4_GROUP = 16
 
 
 class Options(BaseOptions):
@@ -77,7 +87,7 @@ class Options(BaseOptions):
 class Compressed(Format):
     name = "compressed"
     shares_process = True  # torch and compressed-tensors: safe beside other targets (pipeline.lanes)
-    quants = ("w4a16", "w8a8", "fp8")
+    quants = ("w4a16", "w8a8", "fp8", "nvfp4")
     extra = "compressed"
     library = "transformers"
     options_model = Options
@@ -107,6 +117,9 @@ class Compressed(Format):
             raise FormatError(f"compressed-tensors does not support architecture {source.model_type!r}: weightsmith "
                               f"does not know its decoder layer's linears or it is a mixture of experts "
                               f"(supported: {', '.join(fits)})")  # fmt: skip
+        if self.quant == "nvfp4" and (odd := uneven_linears(source.path, row.gptq_linears, NVFP4_GROUP)):
+            raise FormatError(f"nvfp4 quantizes groups of {NVFP4_GROUP} inputs: {odd[0]} has "
+                              f"{odd[1]} (use fp8 or w8a8 for this model)")  # fmt: skip
         stray = unlisted_linears(source.path, row.gptq_linears)
         if stray:
             raise FormatError(f"compressed-tensors' `Linear` target would also quantize {stray[0]}, which is not one "
@@ -137,8 +150,9 @@ class Compressed(Format):
     def serving(self, artifact: Path) -> dict[str, Serving]:
         qconfig = read_qconfig(artifact)
         why = vllm_refusal(qconfig)
+        sglang_why = why or (f"NVFP4 weight-only is not among {SGLANG}" if self.quant == "nvfp4" else None)
         return {"vllm": Serving(accepts=why is None, why=why, by=VLLM),
-                "sglang": Serving(accepts=why is None, why=why, by=SGLANG)}  # fmt: skip
+                "sglang": Serving(accepts=sglang_why is None, why=sglang_why, by=SGLANG)}  # fmt: skip
 
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
         """vLLM and SGLang serve scripts (compressed-tensors is detected from config.json), where they take it."""
@@ -212,6 +226,17 @@ def unlisted_linears(folder: Path, linears: tuple[str, ...]) -> list[str]:
             and len(checkpoint.shape(n)) == 2 and not quantized(n, linears)]  # fmt: skip
 
 
+def uneven_linears(folder: Path, linears: tuple[str, ...], group: int) -> tuple[str, int] | None:
+    """The first quantized linear whose input width is not a multiple of `group`, and that width; or None."""
+    from pipeline.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(folder)
+    for name in checkpoint.names():
+        if quantized(name, linears) and checkpoint.shape(name)[1] % group:
+            return name, checkpoint.shape(name)[1]
+    return None
+
+
 def artifact_dtype(source: SourceInfo) -> str:
     """Unquantized tensors keep the source's 16-bit dtype; a float32 source is stored in bfloat16."""
     return source.dtype if source.dtype in ("bfloat16", "float16") else "bfloat16"
@@ -239,7 +264,7 @@ def write_rtn(source: SourceInfo, quant: str, out_dir: Path, shard_size: int, pr
             progress(index + 1, len(names), "tensors")
     writer.close()
     return {"scheme": PRESETS[quant], "format": STORED[quant], "dtype": dtype, "quantized_linears": count,
-            "weights": "round-to-nearest, compressed-tensors' min-max qparams (float32 scales)",
+            "weights": WEIGHTS.get(quant, "round-to-nearest, compressed-tensors' min-max qparams (float32 scales)"),
             "qconfig": quantization_config(chosen)}  # fmt: skip
 
 
@@ -251,9 +276,23 @@ def rtn_linear(weight, chosen) -> dict[str, Any]:
     from compressed_tensors.quantization.utils import calculate_qparams
 
     w = weight.float()
-    scale, zero = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), chosen.weights)
     compressor = BaseCompressor.get_value_from_registry(chosen.format)
+    if chosen.weights.strategy == "tensor_group":
+        return nvfp4_linear(w, chosen, compressor)
+    scale, zero = calculate_qparams(w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True), chosen.weights)
     return compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero}, chosen)
+
+
+def nvfp4_linear(w, chosen, compressor) -> dict[str, Any]:
+    """NVFP4: the tensor's global scale (FP8 max x FP4 max / max|w|), then each group of 16's scale (its max|w| / 6,
+    times the global scale, rounded to FP8 E4M3), quantized and packed two to a byte by the library."""
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+
+    size = chosen.weights.group_size
+    global_scale = generate_gparam(w.min(), w.max())
+    groups = w.reshape(w.shape[0], -1, size)
+    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), chosen.weights, global_scale=global_scale)
+    return compressor.compress({"weight": w, "weight_scale": scale, "weight_global_scale": global_scale}, chosen)
 
 
 def gptq_artifact(path: Path, key: str, group_size: int | None) -> dict[str, Any]:
@@ -346,6 +385,8 @@ def open_compressed(path: Path):
 
     cuda = torch.cuda.is_available()
     dtype = torch.float16 if cuda else torch.float32
+    if read_qconfig(path)["format"] == STORED["nvfp4"]:
+        dtype = torch.bfloat16  # compressed-tensors unpacks FP4 to bfloat16 and computes the linears in it
     model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map="cuda" if cuda else "cpu",
                                                        output_loading_info=True)  # fmt: skip
     left = sorted(info["missing_keys"]) + sorted(info["unexpected_keys"])
