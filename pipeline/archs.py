@@ -37,6 +37,8 @@ COMMON_HPARAMS: dict[str, tuple] = {
 # The linears of a Llama-style decoder layer, in the order the GPTQ layer stream quantizes them.
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 DENSE_LINEARS = (*ATTENTION_LINEARS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# a pre-norm decoder layer: q/k/v read input_layernorm's output, gate/up post_attention_layernorm's
+PRE_NORMS = {"input_layernorm": ATTENTION_LINEARS[:3], "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,8 @@ class Arch:
     mlx_requires: dict[str, Any] = field(default_factory=dict)  # config values mlx-lm's module assumes
     gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
     gptq_experts: Experts | None = None  # a mixture of experts: every expert's linears quantized too
+    # norm -> the linears that read its output, where SmoothQuant's input scales fold into the norm (W8A8)
+    smooth_norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
     onnx_genai: bool = False  # onnxruntime-genai's model builder handles it
     trtllm: str | None = None  # TensorRT-LLM checkpoint architecture (the legacy engine route, `format: tensorrt`)
@@ -128,6 +132,7 @@ LLAMA = Arch(
     permute_qk=True,
     mlx=True,
     gptq_linears=DENSE_LINEARS,
+    smooth_norms=PRE_NORMS,
     onnx_export=True,
     onnx_genai=True,
     trtllm="LlamaForCausalLM",
@@ -176,6 +181,7 @@ ARCHS: dict[str, Arch] = {
         gguf="QWEN2",
         mlx=True,
         gptq_linears=DENSE_LINEARS,
+        smooth_norms=PRE_NORMS,
         onnx_export=True,
         onnx_genai=True,
         trtllm="Qwen2ForCausalLM",
@@ -186,6 +192,7 @@ ARCHS: dict[str, Arch] = {
         gguf="QWEN3",
         mlx=True,
         gptq_linears=DENSE_LINEARS,
+        smooth_norms=PRE_NORMS,
         onnx_export=True,
         onnx_genai=True,
         trtllm_torch=True,
@@ -251,6 +258,7 @@ ARCHS: dict[str, Arch] = {
         **{
             **LLAMA.__dict__,
             "gptq_linears": ATTENTION_LINEARS,
+            "smooth_norms": {},  # experts read post_attention_layernorm's output through the router
             "onnx_export": False,
             "onnx_genai": False,
             "trtllm": None,

@@ -55,13 +55,17 @@ def gptq(tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tiny_llama, gptq, tmp_path_factory):
-    """built(quant) -> (folder, facts, source) of the compressed target made from the tiny llama."""
+    """built(quant) -> (folder, facts, source) of the compressed target made from the tiny llama; w8a8 and fp8
+    without smoothing (their weights are the source's, rounded), `w8a8-smooth` with the default smoothing."""
 
     def get(quant: str):
         if quant not in _BUILT:
             out = tmp_path_factory.mktemp(f"compressed-{quant}")
+            base, _, variant = quant.partition("-")
             inputs = {"gptq/int4": gptq()} if quant == "w4a16" else {}
-            _, source, facts = build_artifact(tiny_llama, ("compressed", quant), out, inputs=inputs)
+            options = {"smoothing": None} if base in ("w8a8", "fp8") and variant != "smooth" else {}
+            _, source, facts = build_artifact(tiny_llama, ("compressed", base, options), out, inputs=inputs,
+                                              calibration=CALIBRATION)  # fmt: skip
             _BUILT[quant] = (out, facts, source)
         return _BUILT[quant]
 
@@ -435,3 +439,88 @@ def test_w4a16_per_channel_from_a_gptq_artifact_without_groups(tiny_llama, gptq,
     packed = tensors_of(gptq("channel"))
     for name, weight in decompress(ct.open_compressed(tmp_path)).items():
         assert torch.equal(weight, from_checkpoint({k: packed[f"{name}.{k}"] for k in ct.GPTQ_TENSORS}, 4)), name
+
+
+def test_smoothing_leaves_the_float_model_unchanged(tiny_llama, tmp_path):
+    """SmoothQuant's scales divided out of the norms and multiplied into the linears: the same function in float."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.archs import PRE_NORMS
+    from pipeline.quantizers.smooth import smoothed, smoothing_scales
+    from pipeline.source import inspect_checkpoint
+
+    source = inspect_checkpoint(tiny_llama)
+    scales = smoothing_scales(source, [list(range(5, 69)), list(range(200, 264))], PRE_NORMS, 0.5)
+    assert sorted(scales) == sorted(f"model.layers.{i}.{norm}" for i in range(2) for norm in PRE_NORMS)
+    assert all(s.shape == (64,) and bool((s > 0).all()) and not torch.allclose(s, torch.ones(64))
+               for s in scales.values())  # fmt: skip
+    tensors = {n: smoothed(n, t.float(), scales, PRE_NORMS) for n, t in tensors_of(tiny_llama).items()}
+    smooth = tmp_path / "smoothed"
+    smooth.mkdir()
+    for name in ("config.json",):
+        (smooth / name).write_bytes((tiny_llama / name).read_bytes())
+    save_file(tensors, smooth / "model.safetensors", metadata={"format": "pt"})
+    ids = torch.tensor([list(range(10, 60))])
+    with torch.inference_mode():
+        before = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)(ids).logits
+        after = AutoModelForCausalLM.from_pretrained(smooth, dtype=torch.float32)(ids).logits
+    assert (before - after).abs().max() < 1e-4 * before.abs().max()
+    assert not torch.equal(tensors["model.layers.0.self_attn.q_proj.weight"],
+                           tensors_of(tiny_llama)["model.layers.0.self_attn.q_proj.weight"].float())  # fmt: skip
+
+
+def test_smoothing_scale_is_the_papers_formula():
+    from pipeline.quantizers.smooth import scale
+
+    peaks, weights = torch.tensor([4.0, 1.0, 0.0, 9.0]), torch.tensor([1.0, 4.0, 2.0, 0.0])
+    assert scale(peaks, weights, 0.5).tolist() == [2.0, 0.5, 1.0, 1.0]  # sqrt(max|x| / max|w|); 1 for a dead channel
+    assert scale(peaks, weights, 1.0).tolist() == [4.0, 1.0, 1.0, 1.0]
+
+
+def test_w8a8_smooths_by_default_with_the_calibration_text(built, tiny_llama):
+    """The artifact's norms are the source's divided by the scales computed from the recipe's calibration samples,
+    its weights those scales times the source's, rounded; it validates in transformers."""
+    from pipeline.archs import PRE_NORMS
+    from pipeline.corpus import calibration_samples, load_text
+    from pipeline.quantizers.smooth import smoothing_scales
+    from pipeline.source import load_tokenizer
+
+    folder, facts, source = built("w8a8-smooth")
+    assert facts["smoothing"] == {"alpha": 0.5, "calibration": {"text": CALIBRATION.text, "samples": 8,
+                                                                "seq_len": 128}}  # fmt: skip
+    assert built("w8a8")[1]["smoothing"] is None
+    samples = calibration_samples(load_tokenizer(source.path), load_text(CALIBRATION.text, "calibration"),
+                                  CALIBRATION.samples, CALIBRATION.seq_len, CALIBRATION.seed)  # fmt: skip
+    scales = smoothing_scales(source, samples, PRE_NORMS, 0.5)
+    ours, theirs = tensors_of(folder), tensors_of(tiny_llama)
+    for name, s in scales.items():
+        expected = (theirs[f"{name}.weight"].float() / s).to(torch.bfloat16)
+        assert torch.equal(ours[f"{name}.weight"], expected), name
+    q = "model.layers.1.self_attn.q_proj"
+    dequantized = ours[f"{q}.weight"].float() * ours[f"{q}.weight_scale"]
+    target = theirs[f"{q}.weight"].float() * scales["model.layers.1.input_layernorm"][None, :]
+    assert (dequantized - target).abs().max() <= ours[f"{q}.weight_scale"].max() / 2 + 1e-6
+    fmt = Format.for_target(Target(format="compressed", quant="w8a8"))
+    validation = Validation(eval_tokens=256, context=128, max_new_tokens=6, prompts=["Hello there."])
+    from pipeline.reference import reference
+
+    result = fmt.validate(folder, reference(source, validation), validation)
+    assert result["failures"] == [] and math.isfinite(result["quality"]["ppl_ratio"])
+
+
+def test_smoothing_options_are_checked(tiny_model):
+    from pipeline.source import inspect_checkpoint
+
+    for quant in ("w4a16", "nvfp4"):
+        with pytest.raises(FormatError, match=f"{quant} keeps 16-bit activations: smoothing applies to w8a8"):
+            Format.for_target(Target(format="compressed", quant=quant, options={"smoothing": 0.5}))
+    with pytest.raises(FormatError, match="between 0 and 1; got 1.5"):
+        Format.for_target(Target(format="compressed", quant="w8a8", options={"smoothing": 1.5}))
+    assert Format.for_target(Target(format="compressed", quant="w8a8")).calibrates
+    assert not Format.for_target(Target(format="compressed", quant="fp8")).calibrates  # auto: w8a8 only
+    assert Format.for_target(Target(format="compressed", quant="fp8", options={"smoothing": 0.5})).calibrates
+    olmo2 = inspect_checkpoint(tiny_model("olmo2"))  # norms after attention and MLP: no norm feeds q/k/v
+    with pytest.raises(FormatError, match="does not know which norms feed the linears of 'olmo2'.*smoothing: null"):
+        Format.for_target(Target(format="compressed", quant="w8a8", options={"smoothing": 0.5})).check(olmo2)
+    Format.for_target(Target(format="compressed", quant="w8a8")).check(olmo2)  # auto: quantized unsmoothed

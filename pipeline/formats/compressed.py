@@ -39,7 +39,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from pipeline import handoff
 from pipeline.archs import ARCHS, arch
@@ -69,6 +69,7 @@ KERNELS = {
 WEIGHTS = {"nvfp4": "round-to-nearest FP4 E2M1 in groups of 16, FP8 E4M3 group scales under a float32 global scale "
                     "(compressed-tensors' generate_gparam and min-max qparams)"}  # fmt: skip
 NVFP4_GROUP = 16
+SMOOTH_ALPHA, SMOOTH_BY_DEFAULT = 0.5, ("w8a8",)  # measured on SmolLM2: see the README
 
 
 class Options(BaseOptions):
@@ -76,6 +77,9 @@ class Options(BaseOptions):
 
     gptq_target: str = "gptq/int4"  # w4a16: the recipe's GPTQ int4 target whose artifact is converted
     group_size: Literal[-1, 32, 64, 128] | None = None  # w4a16: the group size expected (None: the artifact's)
+    # w8a8/fp8: SmoothQuant's α (pipeline.quantizers.smooth), activation outliers moved into the weights using the
+    # recipe's calibration text; auto: 0.5 for w8a8 where the architecture row has `smooth_norms`; None: off
+    smoothing: float | Literal["auto"] | None = Field(default="auto")
     shard_size: int = 2_000_000_000  # bytes per safetensors shard
 
     @field_validator("shard_size", mode="before")
@@ -98,8 +102,23 @@ class Compressed(Format):
     def check_options(cls, quant: str, options: Options) -> None:
         if quant != "w4a16" and options.group_size is not None:
             raise FormatError(f"{quant} quantizes per output channel: group_size applies to w4a16 only")
+        if quant in ("w4a16", "nvfp4") and options.smoothing not in ("auto", None):
+            raise FormatError(f"{quant} keeps 16-bit activations: smoothing applies to w8a8 and fp8 only")
+        if isinstance(options.smoothing, float) and not 0 <= options.smoothing <= 1:
+            raise FormatError(f"smoothing is SmoothQuant's alpha, between 0 and 1; got {options.smoothing}")
         if not options.gptq_target.startswith("gptq/"):
             raise FormatError(f"{options.gptq_target!r} is not a gptq target (expected gptq/<quant or name>)")
+
+    @property
+    def alpha(self) -> float | None:
+        """SmoothQuant's α for this target, or None (no smoothing); `auto` is decided per source in `smoothing_for`."""
+        if self.options.smoothing == "auto":
+            return SMOOTH_ALPHA if self.quant in SMOOTH_BY_DEFAULT else None
+        return None if self.quant in ("w4a16", "nvfp4") else self.options.smoothing
+
+    @property
+    def calibrates(self) -> bool:
+        return self.alpha is not None
 
     def depends_on(self) -> list[str]:
         """w4a16 is made from the recipe's GPTQ int4 artifact."""
@@ -120,6 +139,9 @@ class Compressed(Format):
         if self.quant == "nvfp4" and (odd := uneven_linears(source.path, row.gptq_linears, NVFP4_GROUP)):
             raise FormatError(f"nvfp4 quantizes groups of {NVFP4_GROUP} inputs: {odd[0]} has "
                               f"{odd[1]} (use fp8 or w8a8 for this model)")  # fmt: skip
+        if isinstance(self.options.smoothing, float) and not row.smooth_norms:
+            raise FormatError(f"smoothing: weightsmith does not know which norms feed the linears of "
+                              f"{source.model_type!r} (its row has no smooth_norms): set smoothing: null")  # fmt: skip
         stray = unlisted_linears(source.path, row.gptq_linears)
         if stray:
             raise FormatError(f"compressed-tensors' `Linear` target would also quantize {stray[0]}, which is not one "
@@ -132,7 +154,9 @@ class Compressed(Format):
             facts = write_from_gptq(gptq, out_dir, self.options.shard_size, ctx.progress)
             facts["gptq_artifact"] = gptq["path"].name
         else:
-            facts = write_rtn(source, self.quant, out_dir, self.options.shard_size, ctx.progress)
+            alpha = self.alpha if arch(source.model_type).smooth_norms else None
+            facts = write_rtn(source, self.quant, out_dir, self.options.shard_size, ctx.progress,
+                              smoothing_for(source, alpha, ctx.calibration, ctx.progress))  # fmt: skip
         write_config(source, facts.pop("qconfig"), facts["dtype"], out_dir)
         for name in [*source.tokenizer_files, "generation_config.json"]:
             if (source.path / name).is_file():
@@ -242,18 +266,41 @@ def artifact_dtype(source: SourceInfo) -> str:
     return source.dtype if source.dtype in ("bfloat16", "float16") else "bfloat16"
 
 
-def write_rtn(source: SourceInfo, quant: str, out_dir: Path, shard_size: int, progress=None) -> dict[str, Any]:
+def smoothing_for(source: SourceInfo, alpha: float | None, calibration, progress=None) -> dict[str, Any] | None:
+    """SmoothQuant's per-layer input scales for the source on the recipe's calibration samples ({"alpha", "scales",
+    "calibration"}), or None when `alpha` is None."""
+    if alpha is None:
+        return None
+    from pipeline.corpus import calibration_samples, load_text
+    from pipeline.quantizers.smooth import smoothing_scales
+    from pipeline.source import load_tokenizer
+
+    tokenizer = load_tokenizer(source.path, source.trust_remote_code)
+    text = load_text(calibration.text, "calibration")
+    samples = calibration_samples(tokenizer, text, calibration.samples, calibration.seq_len, calibration.seed)
+    scales = smoothing_scales(source, samples, arch(source.model_type).smooth_norms, alpha, progress)
+    return {"alpha": alpha, "scales": scales, "calibration": {"text": calibration.text, "samples": len(samples),
+                                                                "seq_len": calibration.seq_len}}  # fmt: skip
+
+
+def write_rtn(source: SourceInfo, quant: str, out_dir: Path, shard_size: int, progress=None,
+              smoothing: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     """w8a8/fp8: every tensor of the source, one at a time; the decoder layers' linears round-to-nearest with the
-    library's qparams and compressor, the rest in the artifact's 16-bit dtype."""
+    library's qparams and compressor, the rest in the artifact's 16-bit dtype; with `smoothing` (`smoothing_for`),
+    SmoothQuant's scales divided out of the norms and multiplied into the linears first."""
     import torch
 
     from pipeline.checkpoint import Checkpoint, ShardWriter
+    from pipeline.quantizers.smooth import smoothed
 
     chosen, dtype = scheme(quant), artifact_dtype(source)
     checkpoint, writer = Checkpoint(source.path), ShardWriter(out_dir, shard_size)
-    linears, names, count = arch(source.model_type).gptq_linears, checkpoint.names(), 0
+    row = arch(source.model_type)
+    linears, names, count = row.gptq_linears, checkpoint.names(), 0
     for index, name in enumerate(names):
         tensor = checkpoint.tensor(name)
+        if smoothing:
+            tensor = smoothed(name, tensor, smoothing["scales"], row.smooth_norms)
         if quantized(name, linears):
             count += 1
             for key, value in rtn_linear(tensor, chosen).items():
@@ -265,7 +312,8 @@ def write_rtn(source: SourceInfo, quant: str, out_dir: Path, shard_size: int, pr
     writer.close()
     return {"scheme": PRESETS[quant], "format": STORED[quant], "dtype": dtype, "quantized_linears": count,
             "weights": WEIGHTS.get(quant, "round-to-nearest, compressed-tensors' min-max qparams (float32 scales)"),
-            "qconfig": quantization_config(chosen)}  # fmt: skip
+            "qconfig": quantization_config(chosen),
+            "smoothing": {k: v for k, v in smoothing.items() if k != "scales"} if smoothing else None}  # fmt: skip
 
 
 def rtn_linear(weight, chosen) -> dict[str, Any]:
