@@ -322,7 +322,7 @@ def test_gptq_artifacts_w4a16_cannot_take_are_refused_in_one_line(tiny_llama, gp
 def test_options_and_dependencies():
     assert Format.for_target(Target(format="compressed", quant="w4a16")).depends_on() == ["gptq/int4"]
     fp8 = Format.for_target(Target(format="compressed", quant="fp8"))
-    assert fp8.depends_on() == [] and not fp8.calibrates
+    assert fp8.depends_on() == [] and fp8.calibrates  # SmoothQuant reads the calibration text
     with pytest.raises(FormatError, match="group_size applies to w4a16 only"):
         Format.for_target(Target(format="compressed", quant="w8a8", options={"group_size": 64}))
     with pytest.raises(FormatError, match=r"'onnx/int4' is not a gptq target"):
@@ -518,8 +518,8 @@ def test_smoothing_options_are_checked(tiny_model):
     with pytest.raises(FormatError, match="between 0 and 1; got 1.5"):
         Format.for_target(Target(format="compressed", quant="w8a8", options={"smoothing": 1.5}))
     assert Format.for_target(Target(format="compressed", quant="w8a8")).calibrates
-    assert not Format.for_target(Target(format="compressed", quant="fp8")).calibrates  # auto: w8a8 only
-    assert Format.for_target(Target(format="compressed", quant="fp8", options={"smoothing": 0.5})).calibrates
+    assert Format.for_target(Target(format="compressed", quant="fp8")).calibrates
+    assert not Format.for_target(Target(format="compressed", quant="fp8", options={"smoothing": None})).calibrates
     olmo2 = inspect_checkpoint(tiny_model("olmo2"))  # norms after attention and MLP: no norm feeds q/k/v
     with pytest.raises(FormatError, match="does not know which norms feed the linears of 'olmo2'.*smoothing: null"):
         Format.for_target(Target(format="compressed", quant="w8a8", options={"smoothing": 0.5})).check(olmo2)

@@ -14,6 +14,9 @@ embeddings, norms and lm_head stay 16-bit, the `ignore: ["lm_head"]` convention 
   activations quantized per token at run time (dynamic).
 - `fp8` (preset FP8_DYNAMIC, `float-quantized`): FP8 E4M3 weights per output channel, round-to-nearest; FP8
   activations per token, dynamic.
+- Both first apply SmoothQuant's input scaling (`pipeline.quantizers.smooth`, option `smoothing`: α, `auto` = 0.5
+  where the architecture row names the norms that feed the linears, null = off), computed from the recipe's
+  calibration text: it moves activation outliers into the weights without changing the float model.
 - `nvfp4` (preset NVFP4A16, `nvfp4-pack-quantized`): FP4 E2M1 weights in groups of 16 with FP8 E4M3 group scales
   under one float32 global scale per tensor (the library's `generate_gparam`: the largest group scale lands on FP8's
   top), round-to-nearest; 16-bit activations. transformers runs it in bfloat16 only (compressed-tensors unpacks FP4
@@ -69,7 +72,7 @@ KERNELS = {
 WEIGHTS = {"nvfp4": "round-to-nearest FP4 E2M1 in groups of 16, FP8 E4M3 group scales under a float32 global scale "
                     "(compressed-tensors' generate_gparam and min-max qparams)"}  # fmt: skip
 NVFP4_GROUP = 16
-SMOOTH_ALPHA, SMOOTH_BY_DEFAULT = 0.5, ("w8a8",)  # measured on SmolLM2: see the README
+SMOOTH_ALPHA, SMOOTH_BY_DEFAULT = 0.5, ("w8a8", "fp8")  # the paper's α; measured on SmolLM2: see README
 
 
 class Options(BaseOptions):
@@ -78,7 +81,7 @@ class Options(BaseOptions):
     gptq_target: str = "gptq/int4"  # w4a16: the recipe's GPTQ int4 target whose artifact is converted
     group_size: Literal[-1, 32, 64, 128] | None = None  # w4a16: the group size expected (None: the artifact's)
     # w8a8/fp8: SmoothQuant's α (pipeline.quantizers.smooth), activation outliers moved into the weights using the
-    # recipe's calibration text; auto: 0.5 for w8a8 where the architecture row has `smooth_norms`; None: off
+    # recipe's calibration text; auto: 0.5 where the architecture row has `smooth_norms`; None: off
     smoothing: float | Literal["auto"] | None = Field(default="auto")
     shard_size: int = 2_000_000_000  # bytes per safetensors shard
 
