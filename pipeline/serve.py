@@ -41,12 +41,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(script: Path, log: Path, timeout: float = START_TIMEOUT) -> Iterator[str]:
+def running(script: Path, log: Path, timeout: float = START_TIMEOUT, python: Path | None = None,
+            env: dict[str, str | None] | None = None) -> Iterator[str]:  # fmt: skip
     """Run `script` (from its folder, on a free loopback port) until the block ends; yield the server's base URL.
-    RuntimeError with the end of its log when it exits or does not answer within `timeout` seconds."""
+    RuntimeError with the end of its log when it exits or does not answer within `timeout` seconds. `python`: the
+    interpreter the script's "$PYTHON" and PATH lead to (a consumer's own virtualenv; ours by default); `env`: more
+    variables for the server (None: drop it)."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHON": sys.executable}  # fmt: skip
+    python = Path(python or sys.executable)
+    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": str(python),
+           **(env or {})}  # fmt: skip
+    env = {key: value for key, value in env.items() if value is not None}
     with open(log, "wb") as out:
         process = subprocess.Popen(["sh", str(script), "--host", "127.0.0.1", "--port", str(port)], cwd=script.parent,
                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip

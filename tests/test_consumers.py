@@ -1,0 +1,119 @@
+"""Real consumers: vLLM, in its own virtualenv, loads and serves our GPTQ int4 and compressed-tensors W4A16 artifacts
+through their own `vllm-serve.sh`, and refuses a checkpoint its loader does not take.
+
+The tests marked `consumers` need `make vllm-venv` (~3.5 GB, ~5 min) and take minutes each (vLLM's start-up): they
+are left out of `make test` (pyproject's addopts) and run by `make serve-check-consumers`; without the virtualenv they
+skip, saying so. The unmarked tests check how vLLM's log is read, without vLLM.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline import consumers
+from pipeline.types import Manifest, Status
+from tests.conftest import write_recipe
+
+VLLM_MISSING = None if consumers.vllm_python().is_file() else (
+    f"no vLLM virtualenv at {consumers.vllm_python()}: run `make vllm-venv` (or set {consumers.VLLM_PYTHON})"
+)  # fmt: skip
+needs_vllm = pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")
+BUDGET = {"max_ppl_ratio": 1.6}
+
+
+@pytest.fixture(scope="module")
+def published(tiny_model, tmp_path_factory):
+    """The recipe run's output folder: GPTQ int4 and compressed-tensors W4A16 (made from it) of a tiny llama whose
+    sizes are multiples of 128 (vLLM's 4-bit kernels take its groups)."""
+    import yaml
+
+    from pipeline.convert import run_recipe
+    from pipeline.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("consumers")
+    path = write_recipe(folder, tiny_model("llama-256"), [("gptq", "int4"), ("compressed", "w4a16")],
+                        budgets={"gptq/int4": BUDGET, "compressed/w4a16": BUDGET})  # fmt: skip
+    data = yaml.safe_load(path.read_text())
+    data["calibration"] = {"samples": 8, "seq_len": 128}
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    summary = run_recipe(recipe)
+    assert summary["ok"], summary
+    return recipe.output_dir()
+
+
+@pytest.mark.consumers
+@needs_vllm
+@pytest.mark.parametrize("target", ["gptq-int4", "compressed-w4a16"])
+def test_vllm_verifies_loads_and_serves_the_artifact(published, target, tmp_path):
+    folder = published / target
+    outcome = consumers.vllm_check(folder, tmp_path / "vllm.log")
+    consumers.record(folder, "vllm", outcome)
+    print(f"{target}: {consumers.summary(outcome)}")
+    assert outcome["config"]["status"] == Status.OK, outcome["reason"]
+    assert outcome["weights"]["status"] == Status.OK and outcome["weights"]["seconds"] >= 0, outcome["reason"]
+    if outcome["status"] == Status.NOT_RUN:  # this vLLM build lacks the kernel: named, after config and weights
+        assert "cpu_gemm_wna16" in outcome["reason"] and outcome["reply"]["status"] == Status.NOT_RUN
+    else:
+        assert outcome["status"] == Status.OK, outcome["reason"]
+        (case,) = outcome["cases"]
+        assert case["text"].strip() == case["expected"].strip() and case["text"].strip()
+    on_disk = json.loads((folder / "manifest.json").read_text())
+    assert on_disk["consumers"]["vllm"]["status"] == outcome["status"] and on_disk["status"] == "ok"
+
+
+@pytest.mark.consumers
+@needs_vllm
+@pytest.mark.parametrize(("change", "named"), [({"desc_act": True}, "desc_act"), ({"bits": 3}, "bits")])
+def test_vllm_itself_refuses_a_checkpoint_its_gptq_loader_does_not_take(published, tmp_path, change, named):
+    """The artifact's config edited into one vLLM's GPTQ loader refuses (act-order scattering with groups; 3 bits):
+    vLLM's own config verification fails the check, before any weight is read."""
+    folder = shutil.copytree(published / "gptq-int4", tmp_path / "gptq-int4")
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (folder / "config.json").write_text(json.dumps(config))
+    outcome = consumers.vllm_check(folder, tmp_path / "vllm.log")
+    assert outcome["status"] == Status.FAILED and outcome["config"]["status"] == Status.FAILED, outcome
+    assert outcome["weights"]["status"] == Status.FAILED and "vLLM refused the config" in outcome["reason"]
+    assert named in outcome["reason"], outcome["reason"]
+
+
+def manifest_folder(tmp_path, script: str | None = "#!/bin/sh\nexit 1\n"):
+    manifest = Manifest(model="tiny", target="gptq/int4", format="gptq", quant="int4", status=Status.OK)
+    (tmp_path / "manifest.json").write_text(manifest.model_dump_json())
+    if script:
+        (tmp_path / "vllm-serve.sh").write_text(script)
+    return tmp_path
+
+
+def test_without_vllms_virtualenv_the_check_is_not_run_naming_how_to_make_it(tmp_path, monkeypatch):
+    monkeypatch.setenv(consumers.VLLM_PYTHON, str(tmp_path / "absent" / "python"))
+    outcome = consumers.vllm_check(manifest_folder(tmp_path), tmp_path / "log")
+    assert outcome["status"] == Status.NOT_RUN and "make vllm-venv" in outcome["reason"]
+    manifest = consumers.record(tmp_path, "vllm", outcome)
+    assert manifest.consumers["vllm"]["status"] == Status.NOT_RUN and manifest.status == Status.OK
+
+
+LOG_HEAD = "INFO Initializing a V1 LLM engine (v0.32.0) with config: model='.', quantization=gptq\n"
+WEIGHTS = "INFO Loading weights took 0.12 seconds\n"
+
+
+@pytest.mark.parametrize(("log", "status", "stage", "words"), [
+    ("ValueError: Currently, only 4-bit weight quantization is supported for GPTQ, but got 3 bits.\n", "failed",
+     "config", "vLLM refused the config: ValueError: Currently, only 4-bit"),
+    (LOG_HEAD + "KeyError: 'model.layers.0.mlp.gate_proj.qzeros'\n", "failed", "weights",
+     "weight loading failed: KeyError"),
+    (LOG_HEAD + WEIGHTS + "RuntimeError: _C::cpu_gemm_wna16() is not implemented for this build\n", "not_run",
+     "reply", "no cpu_gemm_wna16 kernel"),
+    (LOG_HEAD + WEIGHTS + "RuntimeError: out of memory\n", "failed", "reply", "vLLM's server: RuntimeError"),
+])  # fmt: skip
+def test_vllms_log_decides_each_stage(tmp_path, log, status, stage, words):
+    """A server that stopped: the first stage vLLM did not report passing fails with vLLM's own error; a missing
+    kernel after config and weights is not_run, naming the kernel."""
+    (tmp_path / "vllm.log").write_text(log)
+    outcome = {**consumers.stages(tmp_path / "vllm.log"), **consumers.stopped(tmp_path / "vllm.log", "exited")}
+    assert outcome["status"] == status and words in outcome["reason"]
+    assert outcome[stage]["status"] == status
