@@ -72,7 +72,8 @@ def vllm_check(artifact: Path, log: Path, max_tokens: int | None = None) -> dict
                 outcome["cases"].append({"prompt": case["prompt"], "expected": case["text"], **reply})
     except (RuntimeError, OSError, ValueError) as exc:
         return {**outcome, **stages(log), **stopped(log, str(exc))}
-    problems = [problem for case in outcome["cases"] for problem in judge_reply(case, stops(manifest, artifact), max_tokens)]
+    stop_texts = stops(manifest, artifact)
+    problems = [problem for case in outcome["cases"] for problem in judge_reply(case, stop_texts, max_tokens)]
     if not cases:
         problems.append("the manifest has no smoke reply to compare with")
     return {**outcome, **stages(log), "reply": {"status": Status.FAILED if problems else Status.OK},
@@ -141,6 +142,5 @@ def summary(outcome: dict[str, Any]) -> str:
     parts = [f"{stage} {outcome[stage]['status']}" for stage in ("config", "weights", "reply") if stage in outcome]
     parts += [f"start-up {outcome['startup_s']} s"] if "startup_s" in outcome else []
     parts += [f"first token {case['ttft_s']} s" for case in outcome.get("cases", [])]
-    return f"{outcome['status']} in {outcome['server']}: " + ", ".join(parts) + (
-        f" ({outcome['reason']})" if outcome.get("reason") else ""
-    )
+    reason = f" ({outcome['reason']})" if outcome.get("reason") else ""
+    return f"{outcome['status']} in {outcome['server']}: {', '.join(parts)}{reason}"
