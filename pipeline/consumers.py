@@ -39,7 +39,10 @@ WEIGHTS_DONE = re.compile(r"Loading weights took ([\d.]+) seconds")
 # kernels a vLLM build may lack: the op's name in the error -> what it serves
 KERNELS = {"cpu_gemm_wna16": "4-bit weight-only (GPTQ, compressed-tensors W4A16) matmuls",
            "int8_scaled_mm": "INT8 W8A8 matmuls"}  # fmt: skip
-ERROR = re.compile(r"\b((?:[A-Z]\w*(?:Error|Exception))|NotImplementedError): (.+)")
+# a traceback's last line, as a process prints it or vLLM logs it; not a warning that quotes one
+ERROR = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?([\w.]*(?:Error|Exception)): (.+)")
+DTYPE = re.compile(r"with config: .*?\bdtype=torch\.(\w+)")
+KERNEL_USED = re.compile(r"Using (\w+Kernel) for")
 
 
 def vllm_python() -> Path:
@@ -96,6 +99,9 @@ def stages(log: Path) -> dict[str, Any]:
                              "weights": {"status": Status.OK if weights else Status.FAILED}}  # fmt: skip
     if config:
         found["version"] = config.group(1)
+        found["dtype"] = dtype.group(1) if (dtype := DTYPE.search(text)) else None
+    if kernels := sorted(set(KERNEL_USED.findall(text))):
+        found["kernels"] = kernels  # the linear kernels vLLM chose for the quantized layers
     if weights:
         found["weights"]["seconds"] = float(weights.group(1))
     return found
@@ -120,10 +126,17 @@ def stopped(log: Path, message: str) -> dict[str, Any]:
 
 def first_error(text: str) -> str | None:
     """vLLM's own error: the first `SomethingError: message` line of the log (the worker's, before the engine's
-    wrapping ones), shortened to one line."""
-    for line in text.splitlines():
+    wrapping ones), with the indented lines under it (pydantic's validation errors say what is wrong there), on
+    one line."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
         if found := ERROR.search(line):
-            return f"{found.group(1)}: {found.group(2).strip()}"[:500]
+            detail = [found.group(2).strip()]
+            for more in lines[i + 1 : i + 6]:
+                if not more[:1].isspace() or "errors.pydantic.dev" in more:
+                    break
+                detail.append(re.sub(r" \[type=.*", "", more.strip()))
+            return f"{found.group(1).rsplit('.', 1)[-1]}: {' '.join(detail)}"[:500]
     return None
 
 
