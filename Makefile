@@ -73,7 +73,19 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-serve-check-consumers: $(STAMP) vllm-venv
+# Xinference 4.1.0 with the CPU torch (torchvision pinned: else timm pulls a CUDA torch 2.14), and GPTQModel and
+# optimum so that its transformers engine loads GPTQ checkpoints in this venv (its per-model uv venvs need a network).
+xinference-venv: $(XINFERENCE_VENV)/.installed
+
+$(XINFERENCE_VENV)/.installed:
+	$(PYTHON) -m venv $(XINFERENCE_VENV)
+	$(XINFERENCE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0
+	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0 xinference==4.1.0 \
+		gptqmodel==7.6.0 optimum==2.3.0
+	touch $@
+
+serve-check-consumers: $(STAMP) vllm-venv xinference-venv
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m consumers -p no:cacheprovider tests/test_consumers.py
 
 # A local Prefect server (SQLite under ~/.prefect, loopback only, no telemetry) and a process worker for one

@@ -92,11 +92,13 @@ def stops(manifest: Manifest, artifact: Path) -> list[str]:
 
 
 def stages(log: Path) -> dict[str, Any]:
-    """Config and weight loading as vLLM's log reports them: ok where vLLM logged that it passed the stage."""
+    """Config and weight loading as vLLM's log reports them: ok where vLLM logged that it passed the stage, failed
+    where it did not, not_run for weights that were never reached (the config was refused)."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     config, weights = CONFIG_DONE.search(text), WEIGHTS_DONE.search(text)
+    loaded = Status.OK if weights else Status.FAILED if config else Status.NOT_RUN
     found: dict[str, Any] = {"config": {"status": Status.OK if config else Status.FAILED},
-                             "weights": {"status": Status.OK if weights else Status.FAILED}}  # fmt: skip
+                             "weights": {"status": loaded}}  # fmt: skip
     if config:
         found["version"] = config.group(1)
         found["dtype"] = dtype.group(1) if (dtype := DTYPE.search(text)) else None
@@ -113,10 +115,11 @@ def stopped(log: Path, message: str) -> dict[str, Any]:
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     found = stages(log)
     error = first_error(text) or message
+    never = {"reply": {"status": Status.NOT_RUN}, "status": Status.FAILED}
     if found["config"]["status"] != Status.OK:
-        return {"status": Status.FAILED, "reason": f"vLLM refused the config: {error}"}
+        return {**never, "reason": f"vLLM refused the config: {error}"}
     if found["weights"]["status"] != Status.OK:
-        return {"status": Status.FAILED, "reason": f"vLLM's weight loading failed: {error}"}
+        return {**never, "reason": f"vLLM's weight loading failed: {error}"}
     for kernel, serves in KERNELS.items():
         if kernel in text:
             why = f"this vLLM build has no {kernel} kernel ({serves}; vLLM's AVX2 CPU build lacks it): {error}"

@@ -1,5 +1,5 @@
-"""Real consumers: vLLM, in its own virtualenv, loads and serves our GPTQ int4 and compressed-tensors W4A16 artifacts
-through their own `vllm-serve.sh`, and refuses a checkpoint its loader does not take.
+"""Real consumers: vLLM, in its own virtualenv, loads and serves our GPTQ int4 and compressed-tensors W4A16 and W8A8
+artifacts through their own `vllm-serve.sh`, and refuses a checkpoint its loader does not take.
 
 The tests marked `consumers` need `make vllm-venv` (~3.5 GB, ~5 min) and take minutes each (vLLM's start-up): they
 are left out of `make test` (pyproject's addopts) and run by `make serve-check-consumers`; without the virtualenv they
@@ -26,15 +26,16 @@ BUDGET = {"max_ppl_ratio": 1.6}
 
 @pytest.fixture(scope="module")
 def published(tiny_model, tmp_path_factory):
-    """The recipe run's output folder: GPTQ int4 and compressed-tensors W4A16 (made from it) of a tiny llama whose
-    sizes are multiples of 128 (vLLM's 4-bit kernels take its groups)."""
+    """The recipe run's output folder: GPTQ int4, compressed-tensors W4A16 (made from it) and W8A8 of a tiny llama
+    whose sizes are multiples of 128 (vLLM's 4-bit kernels take its groups)."""
     import yaml
 
     from pipeline.convert import run_recipe
     from pipeline.recipe import load_recipe
 
     folder = tmp_path_factory.mktemp("consumers")
-    path = write_recipe(folder, tiny_model("llama-256"), [("gptq", "int4"), ("compressed", "w4a16")],
+    path = write_recipe(folder, tiny_model("llama-256"), [("gptq", "int4"), ("compressed", "w4a16"),
+                                                          ("compressed", "w8a8")],
                         budgets={"gptq/int4": BUDGET, "compressed/w4a16": BUDGET})  # fmt: skip
     data = yaml.safe_load(path.read_text())
     data["calibration"] = {"samples": 8, "seq_len": 128}
@@ -47,8 +48,12 @@ def published(tiny_model, tmp_path_factory):
 
 @pytest.mark.consumers
 @needs_vllm
-@pytest.mark.parametrize("target", ["gptq-int4", "compressed-w4a16"])
-def test_vllm_verifies_loads_and_serves_the_artifact(published, target, tmp_path):
+@pytest.mark.parametrize(("target", "kernel"), [("gptq-int4", "cpu_gemm_wna16"),
+                                                ("compressed-w4a16", "cpu_gemm_wna16"),
+                                                ("compressed-w8a8", "int8_scaled_mm")])  # fmt: skip
+def test_vllm_verifies_loads_and_serves_the_artifact(published, target, kernel, tmp_path):
+    """vLLM verifies the config, loads the weights and answers our greedy reply; where this vLLM build lacks the
+    quantized kernel (its AVX2 CPU build), the reply is not_run naming it."""
     folder = published / target
     outcome = consumers.vllm_check(folder, tmp_path / "vllm.log")
     consumers.record(folder, "vllm", outcome)
@@ -56,7 +61,7 @@ def test_vllm_verifies_loads_and_serves_the_artifact(published, target, tmp_path
     assert outcome["config"]["status"] == Status.OK, outcome["reason"]
     assert outcome["weights"]["status"] == Status.OK and outcome["weights"]["seconds"] >= 0, outcome["reason"]
     if outcome["status"] == Status.NOT_RUN:  # this vLLM build lacks the kernel: named, after config and weights
-        assert "cpu_gemm_wna16" in outcome["reason"] and outcome["reply"]["status"] == Status.NOT_RUN
+        assert kernel in outcome["reason"] and outcome["reply"]["status"] == Status.NOT_RUN
     else:
         assert outcome["status"] == Status.OK, outcome["reason"]
         (case,) = outcome["cases"]
@@ -83,7 +88,8 @@ def test_vllm_itself_refuses_what_its_gptq_loader_does_not_take(published, tmp_p
     print(f"{change}: {consumers.summary(outcome)}")
     assert outcome["status"] == Status.FAILED and outcome[stage]["status"] == Status.FAILED, outcome
     assert outcome["config"]["status"] == (Status.FAILED if stage == "config" else Status.OK)
-    assert outcome["weights"]["status"] == Status.FAILED and named in outcome["reason"], outcome["reason"]
+    assert outcome["weights"]["status"] == (Status.NOT_RUN if stage == "config" else Status.FAILED)
+    assert outcome["reply"]["status"] == Status.NOT_RUN and named in outcome["reason"], outcome["reason"]
 
 
 def manifest_folder(tmp_path, script: str | None = "#!/bin/sh\nexit 1\n"):
@@ -122,3 +128,5 @@ def test_vllms_log_decides_each_stage(tmp_path, log, status, stage, words):
     outcome = {**consumers.stages(tmp_path / "vllm.log"), **consumers.stopped(tmp_path / "vllm.log", "exited")}
     assert outcome["status"] == status and words in outcome["reason"]
     assert outcome[stage]["status"] == status
+    later = {"config": ["weights", "reply"], "weights": ["reply"], "reply": []}[stage]
+    assert all(outcome[s]["status"] == Status.NOT_RUN for s in later)
