@@ -155,7 +155,8 @@ def record(artifact: Path, consumer: str, outcome: dict[str, Any]) -> Manifest:
 
 def summary(outcome: dict[str, Any]) -> str:
     """One line: each stage's status, the start-up and reply times."""
-    parts = [f"{stage} {outcome[stage]['status']}" for stage in ("config", "weights", "reply") if stage in outcome]
+    stages = ("config", "weights", "registration", "launch", "reply")
+    parts = [f"{stage} {outcome[stage]['status']}" for stage in stages if stage in outcome]
     parts += [f"start-up {outcome['startup_s']} s"] if "startup_s" in outcome else []
     parts += [f"first token {case['ttft_s']} s" for case in outcome.get("cases", [])]
     reason = f" ({outcome['reason']})" if outcome.get("reason") else ""
