@@ -73,8 +73,10 @@ $(VLLM_VENV)/.installed:
 	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
 	touch $@
 
-# Xinference 4.1.0 with the CPU torch (torchvision pinned: else timm pulls a CUDA torch 2.14), and GPTQModel and
-# optimum so that its transformers engine loads GPTQ checkpoints in this venv (its per-model uv venvs need a network).
+# Xinference 4.1.0 with the CPU torch (torchvision pinned: else timm pulls a CUDA torch 2.14; then removed: its
+# registry build's operators fail to register against the CPU torch, and transformers then fails to import any
+# model), and GPTQModel and optimum so that its transformers engine loads GPTQ checkpoints in this venv (its
+# per-model virtualenvs are built with a network).
 xinference-venv: $(XINFERENCE_VENV)/.installed
 
 $(XINFERENCE_VENV)/.installed:
@@ -83,6 +85,7 @@ $(XINFERENCE_VENV)/.installed:
 	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0
 	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0 xinference==4.1.0 \
 		gptqmodel==7.6.0 optimum==2.3.0
+	$(XINFERENCE_VENV)/bin/python -m pip uninstall -y torchvision
 	touch $@
 
 serve-check-consumers: $(STAMP) vllm-venv xinference-venv

@@ -14,6 +14,7 @@ import shutil
 import pytest
 
 from pipeline import consumers
+from pipeline import xinference_check as xinference
 from pipeline.types import Manifest, Status
 from tests.conftest import write_recipe
 
@@ -21,6 +22,10 @@ VLLM_MISSING = None if consumers.vllm_python().is_file() else (
     f"no vLLM virtualenv at {consumers.vllm_python()}: run `make vllm-venv` (or set {consumers.VLLM_PYTHON})"
 )  # fmt: skip
 needs_vllm = pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")
+XINFERENCE_MISSING = None if xinference.xinference_python().is_file() else (
+    f"no Xinference virtualenv at {xinference.xinference_python()}: run `make xinference-venv`"
+)  # fmt: skip
+needs_xinference = pytest.mark.skipif(XINFERENCE_MISSING is not None, reason=XINFERENCE_MISSING or "")
 BUDGET = {"max_ppl_ratio": 1.6}
 
 
@@ -92,6 +97,35 @@ def test_vllm_itself_refuses_what_its_gptq_loader_does_not_take(published, tmp_p
     assert outcome["reply"]["status"] == Status.NOT_RUN and named in outcome["reason"], outcome["reason"]
 
 
+@pytest.mark.consumers
+@needs_xinference
+def test_xinference_registers_and_launches_the_gptq_artifact(published, tmp_path):
+    """Xinference's own server takes our `xinference.json` (its CustomLLMFamilyV2 parse), launches the GPTQ int4
+    artifact from `model_uri` with its transformers engine, and answers the first smoke prompt."""
+    folder = published / "gptq-int4"
+    outcome = xinference.xinference_check(folder, tmp_path / "xinference.log")
+    consumers.record(folder, "xinference", outcome)
+    print(f"gptq-int4: {consumers.summary(outcome)}")
+    assert outcome["registration"]["status"] == Status.OK and outcome["launch"]["status"] == Status.OK, outcome
+    (case,) = outcome["cases"]
+    assert case["text"].strip() and case["finish_reason"] in ("stop", "length")
+    assert outcome["reply"]["status"] in (Status.OK, Status.FAILED)  # judged against ours: see the smollm2 test
+
+
+@pytest.mark.consumers
+@needs_xinference
+def test_xinference_refuses_a_registration_it_cannot_parse(published, tmp_path):
+    """A float `model_size_in_billions` (Xinference takes an int or "0_135"): its own parse refuses the registration
+    and the check fails there, before any launch."""
+    folder = shutil.copytree(published / "gptq-int4", tmp_path / "gptq-int4")
+    family = json.loads((folder / "xinference.json").read_text())
+    family["model_specs"][0]["model_size_in_billions"] = 0.026
+    (folder / "xinference.json").write_text(json.dumps(family))
+    outcome = xinference.xinference_check(folder, tmp_path / "xinference.log")
+    assert outcome["status"] == Status.FAILED and outcome["registration"]["status"] == Status.FAILED, outcome
+    assert outcome["launch"]["status"] == Status.NOT_RUN and "registration: HTTP" in outcome["reason"]
+
+
 def manifest_folder(tmp_path, script: str | None = "#!/bin/sh\nexit 1\n"):
     manifest = Manifest(model="tiny", target="gptq/int4", format="gptq", quant="int4", status=Status.OK)
     (tmp_path / "manifest.json").write_text(manifest.model_dump_json())
@@ -106,6 +140,12 @@ def test_without_vllms_virtualenv_the_check_is_not_run_naming_how_to_make_it(tmp
     assert outcome["status"] == Status.NOT_RUN and "make vllm-venv" in outcome["reason"]
     manifest = consumers.record(tmp_path, "vllm", outcome)
     assert manifest.consumers["vllm"]["status"] == Status.NOT_RUN and manifest.status == Status.OK
+
+
+def test_without_xinferences_virtualenv_the_check_is_not_run(tmp_path, monkeypatch):
+    monkeypatch.setenv(xinference.XINFERENCE_PYTHON, str(tmp_path / "absent" / "python"))
+    outcome = xinference.xinference_check(manifest_folder(tmp_path, None), tmp_path / "log")
+    assert outcome["status"] == Status.NOT_RUN and "make xinference-venv" in outcome["reason"]
 
 
 LOG_HEAD = "INFO Initializing a V1 LLM engine (v0.32.0) with config: model='.', quantization=gptq\n"
