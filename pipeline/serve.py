@@ -98,14 +98,12 @@ def tail(log: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or "(no output)"
 
 
-def chat(url: str, prompt: str, max_tokens: int, model: str | None = None) -> dict[str, Any]:
-    """One greedy, streamed chat completion: {"text", "finish_reason", "ttft_s", "total_s"}. No `model` unless given:
-    each server then answers with the one it was started with; no repetition penalty (llama-cpp-python's server would
-    add 1.1), as our runtime's greedy decoding has none."""
+def chat(url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One greedy, streamed chat completion: {"text", "finish_reason", "ttft_s", "total_s"}. No `model`: each server
+    then answers with the one it was started with; no repetition penalty (llama-cpp-python's server would add 1.1),
+    as our runtime's greedy decoding has none. `extra`: more request fields for one server."""
     body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": max_tokens,
-            "stream": True, "repeat_penalty": 1.0}  # fmt: skip
-    if model:
-        body["model"] = model
+            "stream": True, "repeat_penalty": 1.0, **(extra or {})}  # fmt: skip
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     start, first, parts, finish = time.perf_counter(), None, [], None

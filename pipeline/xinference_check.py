@@ -87,7 +87,10 @@ def stages(url: str, family: dict[str, Any], cases: list[dict], max_tokens: int)
         found[stage] = {"status": Status.FAILED if error else Status.OK, "seconds": seconds}
         if error:
             return {**found, "reason": f"Xinference's {stage}: {error}"}
-    found["cases"] = [{"prompt": c["prompt"], "expected": c["text"], **chat(url, c["prompt"], max_tokens, uid)}
+    # Xinference's transformers engine adds a repetition penalty of 1.1 unless told otherwise (measured: the reply
+    # left ours at the first repeated token); greedy decoding as our runtime's has none
+    extra = {"model": uid, "repetition_penalty": 1.0}
+    found["cases"] = [{"prompt": c["prompt"], "expected": c["text"], **chat(url, c["prompt"], max_tokens, extra)}
                       for c in cases]  # fmt: skip
     return found
 
