@@ -42,7 +42,7 @@ KERNELS = {"cpu_gemm_wna16": "4-bit weight-only (GPTQ, compressed-tensors W4A16)
 # a traceback's last line, as a process prints it or vLLM logs it; not a warning that quotes one
 ERROR = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?([\w.]*(?:Error|Exception)): (.+)")
 DTYPE = re.compile(r"with config: .*?\bdtype=torch\.(\w+)")
-KERNEL_USED = re.compile(r"Using (\w+Kernel) for")
+KERNEL_USED = re.compile(r"(?:Using|Selected) (\w+Kernel) for")
 
 
 def vllm_python() -> Path:
