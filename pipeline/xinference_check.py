@@ -90,8 +90,11 @@ def stages(url: str, family: dict[str, Any], cases: list[dict], max_tokens: int)
     # Xinference's transformers engine adds a repetition penalty of 1.1 unless told otherwise (measured: the reply
     # left ours at the first repeated token); greedy decoding as our runtime's has none
     extra = {"model": uid, "repetition_penalty": 1.0}
-    found["cases"] = [{"prompt": c["prompt"], "expected": c["text"], **chat(url, c["prompt"], max_tokens, extra)}
-                      for c in cases]  # fmt: skip
+    try:
+        found["cases"] = [{"prompt": c["prompt"], "expected": c["text"], **chat(url, c["prompt"], max_tokens, extra)}
+                          for c in cases]  # fmt: skip
+    except (OSError, ValueError) as exc:
+        return {**found, "reply": {"status": Status.FAILED}, "reason": f"Xinference's reply: {exc}"}
     return found
 
 
