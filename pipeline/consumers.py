@@ -46,16 +46,27 @@ DTYPE = re.compile(r"with config: .*?\bdtype=torch\.(\w+)")
 KERNEL_USED = re.compile(r"(?:Using|Selected) (\w+Kernel) for")
 
 
+def venv_python(variable: str, folder: str) -> Path:
+    """A consumer virtualenv's interpreter: the environment variable `variable`, else `folder` in the project's."""
+    return Path(os.environ.get(variable) or REPO / folder / "bin" / "python")
+
+
 def vllm_python() -> Path:
-    """The vLLM virtualenv's interpreter: WEIGHTSMITH_VLLM_PYTHON, else `.venv-vllm` in the project's folder."""
-    return Path(os.environ.get(VLLM_PYTHON) or REPO / ".venv-vllm" / "bin" / "python")
+    """The vLLM virtualenv's interpreter: WEIGHTSMITH_VLLM_PYTHON, else `.venv-vllm`."""
+    return venv_python(VLLM_PYTHON, ".venv-vllm")
+
+
+def published(artifact: Path) -> Manifest:
+    """The manifest of the artifact a consumer is checked on; FileNotFoundError when it is not one of ours."""
+    manifest = read_manifest(artifact)
+    if manifest is None:
+        raise FileNotFoundError(f"{artifact} has no manifest.json: not a weightsmith artifact")
+    return manifest
 
 
 def vllm_check(artifact: Path, log: Path, max_tokens: int | None = None) -> dict[str, Any]:
     """Serve the published `artifact` with its `vllm-serve.sh` in vLLM's virtualenv; each stage as vLLM reports it."""
-    manifest = read_manifest(artifact)
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact} has no manifest.json: not a weightsmith artifact")
+    manifest = published(artifact)
     python, script = vllm_python(), artifact / "vllm-serve.sh"
     outcome: dict[str, Any] = {"server": "vLLM's OpenAI server", "script": script.name, "cases": []}
     if not os.access(python, os.X_OK):
@@ -147,9 +158,7 @@ def first_error(text: str) -> str | None:
 def record(artifact: Path, consumer: str, outcome: dict[str, Any]) -> Manifest:
     """The outcome in the artifact's manifest under `consumers`, by consumer name; the artifact's status is kept (the
     check is of a consumer, not of the conversion)."""
-    manifest = read_manifest(artifact)
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact} has no manifest.json")
+    manifest = published(artifact)
     return write_manifest(artifact, manifest.model_copy(update={"consumers": {**manifest.consumers,
                                                                               consumer: outcome}}))  # fmt: skip
 

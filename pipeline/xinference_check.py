@@ -23,8 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import read_manifest
-from pipeline.consumers import REPO, stops
+from pipeline.consumers import published, stops, venv_python
 from pipeline.serve import chat, judge_reply, running
 from pipeline.types import Status
 
@@ -37,14 +36,12 @@ STAGES = ("registration", "launch", "reply")
 
 def xinference_python() -> Path:
     """The Xinference virtualenv's interpreter: WEIGHTSMITH_XINFERENCE_PYTHON, else `.venv-xinference`."""
-    return Path(os.environ.get(XINFERENCE_PYTHON) or REPO / ".venv-xinference" / "bin" / "python")
+    return venv_python(XINFERENCE_PYTHON, ".venv-xinference")
 
 
 def xinference_check(artifact: Path, log: Path, max_tokens: int | None = None) -> dict[str, Any]:
     """Register, launch and chat with the artifact in Xinference's own server; each stage as Xinference reports it."""
-    manifest = read_manifest(artifact)
-    if manifest is None:
-        raise FileNotFoundError(f"{artifact} has no manifest.json: not a weightsmith artifact")
+    manifest = published(artifact)
     python, registration = xinference_python(), artifact / "xinference.json"
     outcome: dict[str, Any] = {"server": SERVER, "script": registration.name, "cases": []}
     if not os.access(python, os.X_OK):
