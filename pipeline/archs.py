@@ -36,7 +36,12 @@ COMMON_HPARAMS: dict[str, tuple] = {
 
 # The linears of a Llama-style decoder layer, in the order the GPTQ layer stream quantizes them.
 ATTENTION_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
-DENSE_LINEARS = (*ATTENTION_LINEARS, "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+SWIGLU = ("gate_proj", "up_proj", "down_proj")
+MLP_LINEARS = tuple(f"mlp.{p}" for p in SWIGLU)
+DENSE_LINEARS = (*ATTENTION_LINEARS, *MLP_LINEARS)
+# Gated DeltaNet (Qwen 3.5): its projections to q/k/v, the output gate z and the output; the per-head decay and
+# beta projections (in_proj_a/b, a few rows each) stay in float, as the conv kernel does
+DELTANET_LINEARS = ("linear_attn.in_proj_qkv", "linear_attn.in_proj_z", "linear_attn.out_proj")
 # a pre-norm decoder layer: q/k/v read input_layernorm's output, gate/up post_attention_layernorm's
 PRE_NORMS = {"input_layernorm": ATTENTION_LINEARS[:3], "post_attention_layernorm": ("mlp.gate_proj", "mlp.up_proj")}
 
@@ -110,8 +115,16 @@ class Arch:
     # weights under `language_model.`
     mlx_tensors: tuple[MlxTensors, ...] = ()  # rewrites into mlx-lm's layout, the first matching one applies
     mlx_requires: dict[str, Any] = field(default_factory=dict)  # config values mlx-lm's module assumes
-    gptq_linears: tuple[str, ...] = ()  # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ)
+    # linears of a decoder layer that GPTQ quantizes (empty: no GPTQ); a hybrid's layers each hold some of them. The
+    # layer walker takes each layer's inputs from the model's own forward (embedding scales, per-layer-type rope and
+    # masks, per-layer inputs), so a row needs nothing else unless its experts are stored fused
+    gptq_linears: tuple[str, ...] = ()
     gptq_experts: Experts | None = None  # a mixture of experts: every expert's linears quantized too
+    gptq_refused: str = ""  # why a known architecture has no GPTQ (the refusal says it)
+    compressed: bool = False  # compressed-tensors w8a8/fp8/nvfp4 (dense rows whose linears are all quantized)
+    # the streamed reference (`pipeline.reference_stream`) computes it exactly: its walker passes no embedding
+    # scales, masks or per-layer inputs, so only Llama-style rows
+    stream_reference: bool = False
     # norm -> the linears that read its output, where SmoothQuant's input scales fold into the norm (W8A8)
     smooth_norms: dict[str, tuple[str, ...]] = field(default_factory=dict)
     onnx_export: bool = False  # our torch export with the KV cache as inputs/outputs handles it
@@ -132,6 +145,8 @@ LLAMA = Arch(
     permute_qk=True,
     mlx=True,
     gptq_linears=DENSE_LINEARS,
+    compressed=True,
+    stream_reference=True,
     smooth_norms=PRE_NORMS,
     onnx_export=True,
     onnx_genai=True,
@@ -157,6 +172,7 @@ QWEN35_TEXT = Arch(
     norm_offset_except=("ssm_norm.weight",),
     gguf_checks=("qwen35_layers",),
     gguf_transforms=("no_mtp", "gated_deltanet"),
+    gptq_linears=(*ATTENTION_LINEARS, *DELTANET_LINEARS, *MLP_LINEARS),
     features=("hybrid: Gated DeltaNet + full attention",),
 )
 
@@ -170,6 +186,9 @@ QWEN35_MOE_TEXT = Arch(
             "add_expert_feed_forward_length": ("moe_intermediate_size",),
             "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
         },
+        # the shared expert quantized like the routed ones; its one-row gate stays in float
+        "gptq_linears": (*ATTENTION_LINEARS, *DELTANET_LINEARS, *(f"mlp.shared_expert.{p}" for p in SWIGLU)),
+        "gptq_experts": Experts(),
         "moe": True,
     }
 )
@@ -181,6 +200,8 @@ ARCHS: dict[str, Arch] = {
         gguf="QWEN2",
         mlx=True,
         gptq_linears=DENSE_LINEARS,
+        compressed=True,
+        stream_reference=True,
         smooth_norms=PRE_NORMS,
         onnx_export=True,
         onnx_genai=True,
@@ -192,6 +213,8 @@ ARCHS: dict[str, Arch] = {
         gguf="QWEN3",
         mlx=True,
         gptq_linears=DENSE_LINEARS,
+        compressed=True,
+        stream_reference=True,
         smooth_norms=PRE_NORMS,
         onnx_export=True,
         onnx_genai=True,
@@ -208,6 +231,7 @@ ARCHS: dict[str, Arch] = {
         norm_offset=1.0,
         gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
         mlx=True,
+        gptq_linears=DENSE_LINEARS,
         onnx_export=True,
         onnx_genai=True,
         features=("sliding window", "soft-capping"),
@@ -220,13 +244,20 @@ ARCHS: dict[str, Arch] = {
             "add_sliding_window": ("sliding_window", 0),
         },
         mlx=True,
+        gptq_linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
         onnx_export=True,
         onnx_genai=True,
         trtllm_torch=True,
         features=("fused qkv", "fused gate/up"),
     ),
     "olmo2": Arch(
-        gguf="OLMO2", mlx=True, gptq_linears=DENSE_LINEARS, onnx_export=True, features=("q/k norm", "post-norm")
+        gguf="OLMO2",
+        mlx=True,
+        gptq_linears=DENSE_LINEARS,
+        compressed=True,
+        stream_reference=True,
+        onnx_export=True,
+        features=("q/k norm", "post-norm"),
     ),
     # llama.cpp's smollm3 leaves out rope on every 4th layer, as SmolLM3's default config does
     "smollm3": Arch(
@@ -249,6 +280,7 @@ ARCHS: dict[str, Arch] = {
         mlx=True,
         gptq_linears=ATTENTION_LINEARS,
         gptq_experts=Experts(),
+        stream_reference=True,
         trtllm_torch=True,
         moe=True,
         features=("q/k norm",),
@@ -259,6 +291,7 @@ ARCHS: dict[str, Arch] = {
             **LLAMA.__dict__,
             "gptq_linears": ATTENTION_LINEARS,
             "smooth_norms": {},  # experts read post_attention_layernorm's output through the router
+            "compressed": False,
             "onnx_export": False,
             "onnx_genai": False,
             "trtllm": None,
@@ -276,6 +309,7 @@ ARCHS: dict[str, Arch] = {
         },
         permute_qk=True,
         mlx=True,
+        gptq_linears=DENSE_LINEARS,
         onnx_export=True,
         features=("multipliers",),
     ),
@@ -283,17 +317,24 @@ ARCHS: dict[str, Arch] = {
     # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
     # (MLX through mlx-lm's qwen3_5 modules is tested on the text-only checkpoints transformers saves; mlx-lm's
     # modules read the multimodal ones too, untested here, so those rows leave MLX off)
-    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
+    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, "gguf_skip": ("model.visual.",), "gptq_linears": (), "gptq_experts": None,
+                 "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
+                 "the layer walker reads text-only checkpoints"}),
     "qwen3_5_text": Arch(**{**QWEN35_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5"}),
     # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
     # linear per expert
     "qwen3_5_moe_text": Arch(
         **{**QWEN35_MOE_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5_moe", "mlx_tensors": (STACK_EXPERTS,)}
     ),  # fmt: skip
-    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, "gguf_skip": ("model.visual.",)}),
+    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, "gguf_skip": ("model.visual.",), "gptq_linears": (), "gptq_experts": None,
+                 "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
+                 "the layer walker reads text-only checkpoints"}),
     "qwen3_next": Arch(
         mlx=True,
         gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
+        gptq_linears=(*ATTENTION_LINEARS, "linear_attn.in_proj_qkvz", "linear_attn.out_proj",
+                      *(f"mlp.shared_expert.{p}" for p in SWIGLU)),  # in_proj_ba and the shared expert's gate: float
+        gptq_experts=Experts(),
         moe=True,
         features=("hybrid: Gated DeltaNet + full attention", "shared expert"),
     ),
@@ -311,12 +352,14 @@ ARCHS: dict[str, Arch] = {
         gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
         gguf_requires={"attn_logit_softcapping": None, "use_bidirectional_attention": False},
         gguf_checks=("gemma3_attention_scale",),
+        gptq_linears=DENSE_LINEARS,
         features=("sliding/global attention", "two rope bases"),
     ),
     "gemma4_text": Arch(
         mlx=True,
         gguf_refused="not converted yet: per-layer embeddings and llama.cpp's gemma4 metadata are not mapped, and "
         "llama.cpp's converter reads Gemma's own tokenizer",
+        gptq_linears=DENSE_LINEARS,  # the per-layer input gate and projection stay in float; MoE variants refused
         features=("per-layer embeddings",),
     ),
     # llama.cpp's gpt-oss: experts fused and gate/up interleaved in the checkpoint, split and transposed on the way;
@@ -341,6 +384,8 @@ ARCHS: dict[str, Arch] = {
         },
         gguf_requires={"swiglu_limit": 7.0},
         gguf_transforms=("gpt_oss_experts", "attention_sinks"),
+        gptq_refused="its experts are stored fused ([experts, in, out], gate/up interleaved, with biases); the GPTQ "
+        "writer writes one linear per expert, and no serving stack's GPTQ MoE loader reads gpt-oss's layout",
         moe=True,
         features=("attention sinks", "MXFP4 experts"),
     ),  # fmt: skip
@@ -373,6 +418,10 @@ ARCHS: dict[str, Arch] = {
         },
         gguf_requires={"rope_interleave": True},  # q/k rope dims stored interleaved, as llama.cpp rotates them
         gguf_transforms=("no_mtp", "mla_kv_b_split"),
+        gptq_linears=(*(f"self_attn.{p}" for p in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                                  "kv_b_proj", "o_proj")),
+                      *MLP_LINEARS, *(f"mlp.shared_experts.{p}" for p in SWIGLU)),  # the first layers are dense
+        gptq_experts=Experts(),
         moe=True,
         features=("multi-head latent attention", "shared experts"),
     ),
@@ -385,6 +434,8 @@ ARCHS: dict[str, Arch] = {
         mlx_requires={"num_experts_per_tok": 1, "no_rope_layer_interval": 4},  # hard-coded in mlx-lm's llama4
         gguf_refused="llama.cpp (llama-cpp-python 0.3.36) aborts evaluating a converted tiny llama4 (`tensor buffer "
         "not set`), so a file could not be validated",
+        gptq_refused="its experts are stored fused ([experts, in, 2 x inter]) and routed top-1 through a sigmoid "
+        "before the experts; the GPTQ writer writes one linear per expert",
         moe=True,
         features=("MoE and dense layers", "chunked attention"),
     ),
@@ -401,7 +452,8 @@ def supported(attribute: str) -> list[str]:
     return sorted(m for m, row in ARCHS.items() if getattr(row, attribute))
 
 
-MATRIX_COLUMNS = {"GGUF": "gguf", "MLX": "mlx", "GPTQ": "gptq", "ONNX standard": "onnx_export",
+MATRIX_COLUMNS = {"GGUF": "gguf", "MLX": "mlx", "GPTQ": "gptq", "compressed-tensors": "compressed",
+                  "ONNX standard": "onnx_export",
                   "ONNX genai": "onnx_genai", "TensorRT-LLM": "trtllm_torch", "TensorRT engine": "trtllm"}  # fmt: skip
 
 

@@ -48,13 +48,13 @@ log = logging.getLogger("weightsmith")
 
 def walkable(source: SourceInfo) -> str | None:
     """Why the layer walker cannot run `source` (None when it can): it runs the rows GPTQ walks."""
-    if not arch(source.model_type).gptq:
+    if not arch(source.model_type).stream_reference:
         return f"the layer walker does not run {source.model_type} (it runs {', '.join(walked())})"
     return None
 
 
 def walked() -> list[str]:
-    return supported("gptq_linears")
+    return supported("stream_reference")
 
 
 def compute(source: SourceInfo, validation: Validation, dtype: str, held_out: str) -> Reference:

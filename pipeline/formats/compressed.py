@@ -134,10 +134,10 @@ class Compressed(Format):
 
     def check(self, source: SourceInfo) -> None:
         row = arch(source.model_type)
-        if not row.gptq_linears or row.moe:
-            fits = sorted(m for m, r in ARCHS.items() if r.gptq_linears and not r.moe)
+        if not row.compressed:
+            fits = sorted(m for m, r in ARCHS.items() if r.compressed)
             raise FormatError(f"compressed-tensors does not support architecture {source.model_type!r}: weightsmith "
-                              f"does not know its decoder layer's linears or it is a mixture of experts "
+                              f"quantizes dense models whose decoder layers' linears are all quantized "
                               f"(supported: {', '.join(fits)})")  # fmt: skip
         if self.quant == "nvfp4" and (odd := uneven_linears(source.path, row.gptq_linears, NVFP4_GROUP)):
             raise FormatError(f"nvfp4 quantizes groups of {NVFP4_GROUP} inputs: {odd[0]} has "

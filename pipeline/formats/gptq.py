@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ from pipeline.types import Calibration, FormatError, Manifest, Serving, SourceIn
 # vLLM 0.32's GPTQ loader (`--quantization gptq`, measured: ../shared/FINDINGS.md): what it takes of each config key
 VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
 VLLM = "vLLM 0.32's GPTQ loader rules"
+LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(.+)\.weight$")  # a decoder layer tensor: its module's name
 RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
 
@@ -121,14 +123,10 @@ class GPTQ(Format):
     def check(self, source: SourceInfo) -> None:
         row = arch(source.model_type)
         refuse_unless(row.gptq, "GPTQ", source.model_type, "gptq",
-                      "the layer-wise quantizer does not know its decoder layer's linears")  # fmt: skip
-        if row.gptq_experts:
-            check_experts(source, row.gptq_experts, self.options.quantizer)
+                      row.gptq_refused or "the layer-wise quantizer does not know its decoder layer's linears")
+        check_experts(source, row.gptq_experts, self.options.quantizer)
         if self.options.group_size != -1:
-            names = tuple(f".{linear}.weight" for linear in row.gptq_linears)
-            experts = row.gptq_experts.matches if row.gptq_experts else lambda n: False
-            check_group_size(source, self.options.group_size, lambda n: n.startswith("model.layers.") and
-                             (n.endswith(names) or experts(n)))  # fmt: skip
+            check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n))
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         calibration, spec = ctx.calibration, self.spec
@@ -153,7 +151,7 @@ class GPTQ(Format):
             if arch(source.model_type).gptq_experts:
                 facts["expert_floor"] = self.options.expert_floor
                 facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"]]
-            write_configs(source, spec, out_dir)
+            write_configs(source, spec, out_dir, modules_in_block(facts["layers"], arch(source.model_type)))
         facts["quantize_s"] = round(time.perf_counter() - start, 2)
         for name in [*source.tokenizer_files, "generation_config.json"]:
             if (source.path / name).is_file():
@@ -235,10 +233,25 @@ def scattered_groups(spec) -> bool:
     return spec.desc_act and not spec.static_groups and spec.group_size != -1
 
 
-def write_configs(source: SourceInfo, spec, out_dir: Path) -> None:
+def modules_in_block(layers: list[dict], row) -> list[list[str]] | None:
+    """Where GPTQ left some of a layer's linears in float: the names of those it quantized, as the config's
+    `modules_in_block_to_quantize` (transformers' GPTQ loading otherwise expects every linear of a layer packed);
+    experts under the per-expert modules' names that the loaders build. None where every linear is quantized."""
+    if not any("float_linears" in layer for layer in layers):
+        return None
+    names = {name for layer in layers for name in layer["errors"]}
+    experts = max((len(layer.get("expert_errors", {}).get("gptq", [])) for layer in layers), default=0)
+    for expert in range(experts):
+        names |= {f"{row.gptq_experts.module}.experts.{expert}.{part}" for part in row.gptq_experts.parts}
+    return [sorted(names)]
+
+
+def write_configs(source: SourceInfo, spec, out_dir: Path, in_block: list[list[str]] | None = None) -> None:
     from pipeline.checkpoint import portable_config
 
     qconfig = quantization_config(spec)
+    if in_block:
+        qconfig["modules_in_block_to_quantize"] = in_block
     config = portable_config(source.config())
     config.update({"quantization_config": qconfig, "torch_dtype": "float16", "dtype": "float16"})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -264,7 +277,8 @@ def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir:
     from pipeline.quantizers.layers import LayerStream
 
     row = arch(source.model_type)
-    stream = LayerStream(source, samples, row.gptq_linears, experts=row.gptq_experts, expert_floor=expert_floor)
+    stream = LayerStream(source, samples, row.gptq_linears, experts=row.gptq_experts, expert_floor=expert_floor,
+                         capture=True)  # fmt: skip
     store = layer_store(store_dir, source, spec, samples, expert_floor, stream.dtype, threads)
     writer = ShardWriter(out_dir, shard_size)
     for name, tensor in stream.other_tensors():
@@ -295,7 +309,10 @@ def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir:
         for name, tensor in originals.items():
             if name.rsplit(".", 1)[0] not in errors and not (row.gptq_experts and row.gptq_experts.matches(f".{name}")):
                 written.add(f"{prefix}{name}", tensor.to(torch.float16))  # norms, routers: what stays in float
-        stream.advance(layer)
+        floats = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in errors)
+        if floats:  # linears GPTQ leaves in float (a DeltaNet's decay and beta projections, a shared expert's gate)
+            entry["float_linears"] = floats
+        stream.advance(layer, index)
         seconds = time.perf_counter() - layer_start
         report.append({"layer": index, "seconds": round(seconds, 2), **entry})
         if store:
@@ -397,14 +414,32 @@ def log_coverage(coverage: dict, layers: int) -> None:
              f", topped up to all tokens: {coverage['topped_up']}" if coverage["topped_up"] else "")  # fmt: skip
 
 
+def quantized_weight(row, name: str) -> bool:
+    """Whether checkpoint tensor `name` is the weight of a decoder layer linear (or expert) that GPTQ quantizes."""
+    match = LAYER_TENSOR.match(name)
+    if not match:
+        return False
+    return match[1] in row.gptq_linears or bool(row.gptq_experts and row.gptq_experts.matches(name))
+
+
 def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
-    """The quantizer reads experts as the original checkpoints store them, one tensor per expert and part."""
+    """The quantizer reads experts as the original checkpoints store them, one tensor per expert and part; a
+    checkpoint with experts the row does not place (a MoE variant of a dense row, fused storage) is refused."""
     from pipeline.checkpoint import Checkpoint
 
+    names = Checkpoint(source.path).names()
+    stray = next((n for n in names if n.startswith("model.layers.") and ".experts." in n
+                  and not (experts and experts.matches(n))), None)  # fmt: skip
+    if stray:
+        raise FormatError(f"GPTQ: the checkpoint holds experts ({stray}) where the {source.model_type} row of the "
+                          f"architecture table does not place them (a mixture-of-experts variant, or experts stored "
+                          f"fused); the quantizer writes one linear per expert and part")  # fmt: skip
+    if experts is None:
+        return
     if quantizer == "gptqmodel":
         raise FormatError("GPTQ: quantizer gptqmodel is not set up for mixture-of-experts models here; the default "
                           "quantizer (weightsmith) quantizes every expert")  # fmt: skip
-    if not any(experts.matches(name) for name in Checkpoint(source.path).names()):
+    if not any(experts.matches(name) for name in names):
         raise FormatError(f"GPTQ: no per-expert tensors ({experts.name(0, 'gate_proj')}.weight ...) in the checkpoint "
                           f"(experts stored fused?); the quantizer reads experts one tensor per expert and part, as "
                           f"the original checkpoints and transformers' save_pretrained store them")  # fmt: skip
@@ -429,10 +464,11 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
 
     spec = QuantSpec(bits=quantization["bits"], group_size=quantization["group_size"], sym=quantization["sym"])
     model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
-    experts = arch(model.config.model_type).gptq_experts
+    row = arch(model.config.model_type)
+    experts = row.gptq_experts
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            if isinstance(module, torch.nn.Linear) and quantized_weight(row, f"{name}.weight"):
                 module.weight.data = rtn(module.weight.data, spec).dequantized
             elif experts and name.endswith(f".{experts.module}.experts"):  # fused: rows stay rows, one slice per expert
                 for fused in (module.gate_up_proj, module.down_proj):

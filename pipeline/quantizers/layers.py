@@ -3,9 +3,14 @@ quantizers (GPTQ), and the held-out chunks and prompts of a reference computed w
 (`pipeline.reference_stream`, which also uses `head` and the key/value caches `forward` takes).
 
 The layer objects are the checkpoint's own transformers classes, built on the `meta` device from its config and
-given real weights one layer at a time from the safetensors files, so the whole model is never in memory. Inputs are
-the calibration samples' embeddings; each layer's outputs become the next layer's inputs. Attention uses PyTorch's
-SDPA with no mask, i.e. causal, as the full model does for unpadded sequences.
+given real weights one layer at a time from the safetensors files, so the whole model is never in memory; each
+layer's outputs become the next layer's inputs. With `capture` (GPTQ) the first layer's inputs and every layer's other
+arguments come from the model's own forward over the samples, run once with each decoder layer replaced by a
+recorder: embedding scales (Gemma, Granite), rotary embeddings and masks per layer type (sliding/global, linear
+attention), per-layer inputs (Gemma 4) are then the model's own, whatever the architecture; only the non-layer
+modules (embeddings, rotary, final norm) are given weights for that. Without it (the streamed reference) inputs are
+the samples' embeddings and attention uses PyTorch's SDPA with no mask, i.e. causal, as Llama-style models do for
+unpadded sequences.
 
 Forward passes run in `compute_dtype`: bfloat16 where the hardware has fast bf16 matmuls (CUDA, or CPUs with AMX or
 AVX512-BF16, measured 4.6x faster than float32 here), as GPTQ implementations on GPUs run them in half precision;
@@ -140,14 +145,36 @@ def cache_argument(layer: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(layer.forward).parameters else "past_key_values"
 
 
+def init_buffers(model: torch.nn.Module, module: torch.nn.Module) -> None:
+    """The non-persistent buffers under `module` (rotary frequencies, embedding scales), which no checkpoint holds,
+    computed the way transformers computes them when it loads a model (`_init_weights` of their modules)."""
+    with torch.no_grad():
+        for sub in module.modules():
+            if any(name in sub._non_persistent_buffers_set for name in sub._buffers):
+                model._init_weights(sub)
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for a decoder layer during the capture: keeps what it is called with, passes the hidden states on."""
+
+    def __init__(self, calls: list):
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.calls.append((hidden_states, args, kwargs))
+        return hidden_states
+
+
 class LayerStream:
     def __init__(self, source, samples: list[list[int]], linears: tuple[str, ...] = (),
                  compute_dtype: torch.dtype | None = None, experts: Experts | None = None,
-                 expert_floor: int = 64, device: str = "cpu"):  # fmt: skip
+                 expert_floor: int = 64, device: str = "cpu", capture: bool = False):  # fmt: skip
         """`samples`: token ids of equal length; `linears`: the layer's linears to collect Hessians for, in
-        quantization order (the architecture row's `gptq_linears`); `experts`: where a mixture of experts keeps
-        them (the row's `gptq_experts`), each calibrated on its routed tokens, topped up below `expert_floor`;
-        `device`: where layers and activations live (the reference runs on the GPU when there is one)."""
+        quantization order (the architecture row's `gptq_linears`; a layer has those of its kind); `experts`: where
+        a mixture of experts keeps them (the row's `gptq_experts`), each calibrated on its routed tokens, topped up
+        below `expert_floor`; `device`: where layers and activations live (the reference runs on the GPU when there
+        is one); `capture`: layer inputs from the model's own forward (see the module docstring)."""
         self.order, self.experts, self.expert_floor = linears, experts, expert_floor
         self.dtype = compute_dtype or fast_dtype()
         self.device = torch.device(device)
@@ -155,15 +182,56 @@ class LayerStream:
 
         self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(
-                self.config, attn_implementation="sdpa", trust_remote_code=source.trust_remote_code
-            )
+            try:
+                self.model = AutoModelForCausalLM.from_config(
+                    self.config, attn_implementation="sdpa", trust_remote_code=source.trust_remote_code
+                )
+            except ValueError:  # no SDPA for it (Gemma 2's soft-capped attention)
+                self.model = AutoModelForCausalLM.from_config(
+                    self.config, attn_implementation="eager", trust_remote_code=source.trust_remote_code
+                )
         self.checkpoint = Checkpoint(source.path)
         self.n_layers = self.config.num_hidden_layers
+        self.calls: list | None = None  # per batch, per layer: (args, kwargs) besides the hidden states
+        if capture:
+            self.hidden, self.calls = self.capture(samples)
+            return
         self.rotary = type(self.model.model.rotary_emb)(config=self.config).to(self.device)
         table = self.checkpoint.tensor(EMBED)
         self.hidden = [self.embed(table, samples[i : i + BATCH]) for i in range(0, len(samples), BATCH)]
         self.position_ids, self.rope = self.positions(0, len(samples[0]))
+
+    def capture(self, samples: list[list[int]]) -> tuple[list[torch.Tensor], list[list[tuple]]]:
+        """Each batch's input to the first layer, and per batch and layer the other arguments the model's forward
+        passes that layer, from one forward of the decoder stack with every layer replaced by a Recorder."""
+        base = self.model.model
+        for name, child in base.named_children():
+            if name != "layers":
+                self.materialise(child, f"model.{name}.")
+        real, calls, hidden, arguments = base.layers, [], [], []
+        base.layers = torch.nn.ModuleList(Recorder(calls) for _ in real)
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(samples), BATCH):
+                    calls.clear()
+                    base(input_ids=torch.tensor(samples[start : start + BATCH], device=self.device), use_cache=False)
+                    if len(calls) != len(real):
+                        raise RuntimeError(f"the model's forward called {len(calls)} of its {len(real)} layers")
+                    hidden.append(calls[0][0])
+                    arguments.append([(args, kwargs) for _, args, kwargs in calls])
+        finally:
+            base.layers = real
+        return hidden, arguments
+
+    def materialise(self, module: torch.nn.Module, prefix: str) -> None:
+        """`module` (built on `meta`) on the device with the checkpoint's tensors under `prefix`, its parameters in
+        the compute dtype (buffers such as rotary frequencies stay in float32, as transformers keeps them)."""
+        module.to_empty(device=self.device)
+        init_buffers(self.model, module)
+        state = {n[len(prefix) :]: self.checkpoint.tensor(n) for n in self.checkpoint.names() if n.startswith(prefix)}
+        module.load_state_dict(state, strict=True)
+        for param in module.parameters():
+            param.data = param.data.to(self.dtype)
 
     def embed(self, table: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
         """The input embeddings of `ids` (equal lengths) in the compute dtype, from the checkpoint's `table`."""
@@ -185,6 +253,7 @@ class LayerStream:
         """Layer `index` in the compute dtype, and its parameters in float32 as the checkpoint holds them."""
         prefix = f"model.layers.{index}."
         layer = self.model.model.layers[index].to_empty(device=self.device)
+        init_buffers(self.model, layer)
         state = {n[len(prefix) :]: self.checkpoint.tensor(n).float() for n in self.checkpoint.names()
                  if n.startswith(prefix)}  # fmt: skip
         layer.load_state_dict(fuse_experts(state, self.experts) if self.experts else state, strict=True)
@@ -196,6 +265,15 @@ class LayerStream:
         position_ids, rope = positions or (self.position_ids, self.rope)
         extra = {cache_argument(layer): cache, "use_cache": True} if cache is not None else {}
         out = layer(hidden, attention_mask=None, position_ids=position_ids, position_embeddings=rope, **extra)
+        return out[0] if isinstance(out, tuple) else out
+
+    def run(self, layer: torch.nn.Module, index: int, batch: int, hidden: torch.Tensor) -> torch.Tensor:
+        """Batch `batch`'s `hidden` through layer `index` with the arguments the model's forward gave it (captured),
+        else as `forward` does."""
+        if self.calls is None:
+            return self.forward(layer, hidden)
+        args, kwargs = self.calls[batch][index]
+        out = layer(hidden, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
 
     def head(self) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -211,7 +289,7 @@ class LayerStream:
 
     def linears(self, layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
         modules = dict(layer.named_modules())
-        return [(name, modules[name]) for name in self.order]
+        return [(name, modules[name]) for name in self.order if name in modules]
 
     def experts_module(self, layer: torch.nn.Module) -> torch.nn.Module | None:
         return layer.get_submodule(f"{self.experts.module}.experts") if self.experts else None
@@ -242,9 +320,9 @@ class LayerStream:
         if experts is not None:
             handles.append(fused.register_forward_pre_hook(routed, with_kwargs=True))
         with torch.inference_mode():
-            for hidden in self.hidden:
+            for batch, hidden in enumerate(self.hidden):
                 inputs.clear()
-                self.forward(layer, hidden)
+                self.run(layer, index, batch, hidden)
                 readers: dict[int, list[str]] = {}
                 for name, x in inputs.items():
                     readers.setdefault(id(x), []).append(name)
@@ -261,11 +339,14 @@ class LayerStream:
                 experts.finish()
         return layer, state, groups, experts
 
-    def advance(self, layer: torch.nn.Module) -> None:
+    def advance(self, layer: torch.nn.Module, index: int | None = None) -> None:
         """Replace the stored activations by this (quantized) layer's outputs, then let the layer's weights go: the
-        skeleton keeps it on the `meta` device, so the model never accumulates in memory."""
+        skeleton keeps it on the `meta` device, so the model never accumulates in memory. `index`: the layer's, for
+        its captured arguments."""
+        if self.calls is not None and index is None:
+            raise ValueError("a captured stream advances a layer by its index")
         with torch.inference_mode():
-            self.hidden = [self.forward(layer, hidden) for hidden in self.hidden]
+            self.hidden = [self.run(layer, index, batch, hidden) for batch, hidden in enumerate(self.hidden)]
         layer.to(device="meta")
 
     def resume(self, index: int, hidden: list[torch.Tensor]) -> None:

@@ -79,7 +79,7 @@ def _transformers_runtime(path: Path) -> TorchRuntime:
     missing = [k for k in info["missing_keys"] if k.endswith(PACKED)]
     if missing:
         raise RuntimeError(f"transformers left {len(missing)} GPTQ tensors unloaded ({', '.join(missing[:3])} ...)")
-    kernel = type(model.model.layers[0].self_attn.q_proj).__name__
+    kernel = next(type(module).__name__ for module in model.modules() if hasattr(module, "qweight"))
     how = f"transformers {version('transformers')} with gptqmodel {version('gptqmodel')}"
     if experts:
         renamed = {k: v for k, v in experts.parts.items() if k != v}
