@@ -221,8 +221,10 @@ def per_layer_type(config: dict, portable: dict) -> dict:
     if isinstance(full, dict) and isinstance(sliding, dict):
         out["rope_theta"], out["rope_local_base_freq"] = full.get("rope_theta"), sliding.get("rope_theta")
         kind = full.get("rope_type", "default")
-        if kind != "default" and not portable.get("rope_scaling"):
-            out["rope_scaling"] = {**full, "type": kind}  # transformers 5 wants its rope_theta too
+        # Gemma 3's global-layer scaling as transformers 4 read it (transformers 5 wants its rope_theta too); Gemma 4
+        # came with transformers 5, whose reader takes a `rope_scaling` over its nested settings (KeyError)
+        if kind != "default" and not portable.get("rope_scaling") and config.get("model_type") != "gemma4_text":
+            out["rope_scaling"] = {**full, "type": kind}
     types = config.get("layer_types") or []
     if "sliding_attention" in types and "full_attention" in types:
         period = types.index("full_attention") + 1

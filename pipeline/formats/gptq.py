@@ -150,7 +150,7 @@ class GPTQ(Format):
             facts["solver_threads"] = threads
             if arch(source.model_type).gptq_experts:
                 facts["expert_floor"] = self.options.expert_floor
-                facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"]]
+                facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"] if "coverage" in layer]
             write_configs(source, spec, out_dir, modules_in_block(facts["layers"], arch(source.model_type)))
         facts["quantize_s"] = round(time.perf_counter() - start, 2)
         for name in [*source.tokenizer_files, "generation_config.json"]:

@@ -292,7 +292,9 @@ class LayerStream:
         return [(name, modules[name]) for name in self.order if name in modules]
 
     def experts_module(self, layer: torch.nn.Module) -> torch.nn.Module | None:
-        return layer.get_submodule(f"{self.experts.module}.experts") if self.experts else None
+        if self.experts is None or not hasattr(layer.get_submodule(self.experts.module), "experts"):
+            return None  # a dense layer of a mixture of experts (DeepSeek-V3's first layers)
+        return layer.get_submodule(f"{self.experts.module}.experts")
 
     def collect(self, index: int):
         """Layer `index` (compute dtype), its float32 parameters, and its linears grouped by shared input (q/k/v read

@@ -103,21 +103,38 @@ def expert_key_mapping(experts) -> dict[str, str] | None:
 @contextmanager
 def per_expert_modules(model_type: str):
     """For one load, transformers' sparse-MoE block of `model_type` replaced by defuser's per-expert one (what
-    GPTQModel's loader does). defuser patches transformers' classes and checkpoint conversion mapping for the whole
-    process; they are restored afterwards, so that float models load fused as before."""
+    GPTQModel's loader does): a block class swapped in before the model is built where defuser has one (Qwen3 MoE,
+    Mixtral, Qwen3-Next), else the built model's fused experts split into per-expert linears by defuser's runtime
+    defusion just before transformers' GPTQ conversion replaces linears by GPTQ kernels (Qwen 3.5 MoE,
+    DeepSeek-V3). defuser patches transformers' classes and checkpoint conversion mapping for the whole process;
+    everything patched is restored afterwards, so that float models load fused as before."""
     import defuser
     from defuser.model_registry import MODEL_CONFIG, PATCH
+    from transformers.quantizers.quantizer_gptq import GptqHfQuantizer
 
     targets = [(importlib.import_module(f"transformers.{module}"), "get_checkpoint_conversion_mapping")
                for module in ("conversion_mapping", "modeling_utils")]  # fmt: skip
-    for original, _ in MODEL_CONFIG.get(model_type, {}).get(PATCH.REPLACE_MODULE, []):
+    replaced = MODEL_CONFIG.get(model_type, {}).get(PATCH.REPLACE_MODULE, [])
+    for original, _ in replaced:
         module, name = original.rsplit(".", 1)
         targets.append((importlib.import_module(module), name))
+    targets.append((GptqHfQuantizer, "_process_model_before_weight_loading"))
     missing = object()
     saved = [(module, name, getattr(module, name, missing)) for module, name in targets]
+    convert = GptqHfQuantizer._process_model_before_weight_loading
+
+    def defuse_then_convert(self, model, **kwargs):
+        if not defuser.convert_model(model):
+            raise RuntimeError(f"defuser {version('defuser')} could not split the experts of {model_type}")
+        return convert(self, model, **kwargs)
+
     try:
-        if not defuser.replace_fused_blocks(model_type):
+        if replaced and not defuser.replace_fused_blocks(model_type):
             raise RuntimeError(f"defuser {version('defuser')} has no per-expert block for {model_type}")
+        if not replaced:
+            if model_type not in MODEL_CONFIG:
+                raise RuntimeError(f"defuser {version('defuser')} does not know {model_type}")
+            GptqHfQuantizer._process_model_before_weight_loading = defuse_then_convert
         yield
     finally:
         for module, name, value in saved:
