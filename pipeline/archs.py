@@ -317,23 +317,41 @@ ARCHS: dict[str, Arch] = {
     # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
     # (MLX through mlx-lm's qwen3_5 modules is tested on the text-only checkpoints transformers saves; mlx-lm's
     # modules read the multimodal ones too, untested here, so those rows leave MLX off)
-    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, "gguf_skip": ("model.visual.",), "gptq_linears": (), "gptq_experts": None,
-                 "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
-                 "the layer walker reads text-only checkpoints"}),
+    "qwen3_5": Arch(
+        **{
+            **QWEN35_TEXT.__dict__,
+            "gguf_skip": ("model.visual.",),
+            "gptq_linears": (),
+            "gptq_experts": None,
+            "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
+            "the layer walker reads text-only checkpoints",
+        }
+    ),
     "qwen3_5_text": Arch(**{**QWEN35_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5"}),
     # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
     # linear per expert
     "qwen3_5_moe_text": Arch(
         **{**QWEN35_MOE_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5_moe", "mlx_tensors": (STACK_EXPERTS,)}
     ),  # fmt: skip
-    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, "gguf_skip": ("model.visual.",), "gptq_linears": (), "gptq_experts": None,
-                 "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
-                 "the layer walker reads text-only checkpoints"}),
+    "qwen3_5_moe": Arch(
+        **{
+            **QWEN35_MOE_TEXT.__dict__,
+            "gguf_skip": ("model.visual.",),
+            "gptq_linears": (),
+            "gptq_experts": None,
+            "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
+            "the layer walker reads text-only checkpoints",
+        }
+    ),
     "qwen3_next": Arch(
         mlx=True,
         gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
-        gptq_linears=(*ATTENTION_LINEARS, "linear_attn.in_proj_qkvz", "linear_attn.out_proj",
-                      *(f"mlp.shared_expert.{p}" for p in SWIGLU)),  # in_proj_ba and the shared expert's gate: float
+        gptq_linears=(
+            *ATTENTION_LINEARS,
+            "linear_attn.in_proj_qkvz",
+            "linear_attn.out_proj",
+            *(f"mlp.shared_expert.{p}" for p in SWIGLU),
+        ),  # in_proj_ba and the shared expert's gate: float
         gptq_experts=Experts(),
         moe=True,
         features=("hybrid: Gated DeltaNet + full attention", "shared expert"),
@@ -418,9 +436,14 @@ ARCHS: dict[str, Arch] = {
         },
         gguf_requires={"rope_interleave": True},  # q/k rope dims stored interleaved, as llama.cpp rotates them
         gguf_transforms=("no_mtp", "mla_kv_b_split"),
-        gptq_linears=(*(f"self_attn.{p}" for p in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
-                                                  "kv_b_proj", "o_proj")),
-                      *MLP_LINEARS, *(f"mlp.shared_experts.{p}" for p in SWIGLU)),  # the first layers are dense
+        gptq_linears=(
+            *(
+                f"self_attn.{p}"
+                for p in ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+            ),
+            *MLP_LINEARS,
+            *(f"mlp.shared_experts.{p}" for p in SWIGLU),
+        ),  # the first layers are dense
         gptq_experts=Experts(),
         moe=True,
         features=("multi-head latent attention", "shared experts"),

@@ -56,6 +56,14 @@ def vllm_python() -> Path:
     return venv_python(VLLM_PYTHON, ".venv-vllm")
 
 
+def vllm_missing() -> str | None:
+    """Why vLLM cannot be started here (no virtualenv), or None."""
+    python = vllm_python()
+    if os.access(python, os.X_OK):
+        return None
+    return f"no vLLM virtualenv at {python}: run `make vllm-venv` or set {VLLM_PYTHON}"
+
+
 def published(artifact: Path) -> Manifest:
     """The manifest of the artifact a consumer is checked on; FileNotFoundError when it is not one of ours."""
     manifest = read_manifest(artifact)
@@ -66,12 +74,11 @@ def published(artifact: Path) -> Manifest:
 
 def vllm_check(artifact: Path, log: Path, max_tokens: int | None = None) -> dict[str, Any]:
     """Serve the published `artifact` with its `vllm-serve.sh` in vLLM's virtualenv; each stage as vLLM reports it."""
-    manifest = published(artifact)
     python, script = vllm_python(), artifact / "vllm-serve.sh"
     outcome: dict[str, Any] = {"server": "vLLM's OpenAI server", "script": script.name, "cases": []}
-    if not os.access(python, os.X_OK):
-        why = f"no vLLM virtualenv at {python}: run `make vllm-venv` or set {VLLM_PYTHON}"
+    if why := vllm_missing():
         return {**outcome, "status": Status.NOT_RUN, "reason": why}
+    manifest = published(artifact)
     if not script.is_file():
         verdict = manifest.serving.get("vllm")
         why = f"no {script.name}: {verdict.why if verdict else 'the format has no vLLM hand-off'}"

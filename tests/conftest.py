@@ -479,3 +479,19 @@ def write_recipe(folder: Path, source: Path | str, targets: list[tuple[str, str]
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+# (model, target, max |Δlogit|, max |logit|, top-1 agreement, logits' correlation) of every built cell of
+# tests/test_arch_matrix.py
+MATRIX_RESULTS: list[tuple] = []
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The architecture matrix's figures, cell by cell, after the run (what the test measured, not what it assumed)."""
+    if not MATRIX_RESULTS:
+        return
+    terminalreporter.section("architecture matrix: built cells against transformers' float32 logits")
+    terminalreporter.write_line(f"{'model_type':<18} {'target':<12} {'max|Δlogit|':>11} {'max|logit|':>10} "
+                                f"{'top1':>5} {'corr':>6}")  # fmt: skip
+    for model, target, gap, scale, top1, r in sorted(MATRIX_RESULTS):
+        terminalreporter.write_line(f"{model:<18} {target:<12} {gap:>11.4f} {scale:>10.2f} {top1:>5.2f} {r:>6.3f}")

@@ -186,3 +186,21 @@ def test_vllms_log_decides_each_stage(tmp_path, log, status, stage, words):
     assert outcome[stage]["status"] == status
     later = {"config": ["weights", "reply"], "weights": ["reply"], "reply": []}[stage]
     assert all(outcome[s]["status"] == Status.NOT_RUN for s in later)
+
+
+@pytest.mark.parametrize(("fmt_name", "quant"), [("gptq", "int4"), ("compressed", "w8a8")])
+def test_vllm_is_the_serve_step_of_its_formats_and_not_run_without_its_virtualenv(monkeypatch, tmp_path, fmt_name,
+                                                                                   quant):  # fmt: skip
+    """GPTQ and compressed-tensors targets end with vLLM's serve check like GGUF's with llama.cpp's server; where the
+    vLLM virtualenv is missing the step is not_run naming the make target (the demo's `served` column says so)."""
+    from pipeline.convert import cannot_run
+    from pipeline.formats.base import Format
+    from pipeline.types import Step, Target
+
+    monkeypatch.setenv(consumers.VLLM_PYTHON, str(tmp_path / "no-venv" / "bin" / "python"))
+    fmt = Format.for_target(Target(format=fmt_name, quant=quant))
+    assert fmt.steps == (Step.BUILD, Step.VALIDATE, Step.SERVE, Step.PUBLISH) and fmt.server_script == "vllm-serve.sh"
+    assert "make vllm-venv" in cannot_run(fmt, Step.SERVE)
+    assert cannot_run(fmt, Step.VALIDATE) is None
+    outcome = fmt.serve(tmp_path, None, None, tmp_path / "log")
+    assert outcome["status"] == Status.NOT_RUN and "make vllm-venv" in outcome["reason"]

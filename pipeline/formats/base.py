@@ -196,6 +196,26 @@ class Format:
         return {}
 
 
+class ServedByVllm:
+    """A format whose serving stack is vLLM (GPTQ, compressed-tensors): its SERVE step is vLLM's own server started by
+    the artifact's `vllm-serve.sh` in vLLM's virtualenv (`pipeline.consumers.vllm_check`: config, weights, greedy
+    reply, each as vLLM logs it); `not_run`, naming why, without that virtualenv or where vLLM's loader rules refuse
+    the artifact (no script is written then)."""
+
+    server_script = "vllm-serve.sh"
+    server = "vLLM's OpenAI server"
+
+    def missing_vllm(self, step: Step) -> str | None:
+        from pipeline.consumers import vllm_missing
+
+        return vllm_missing() if step == Step.SERVE else None
+
+    def serve(self, artifact: Path, manifest: Manifest, validation: Validation, log: Path) -> dict[str, Any]:
+        from pipeline.consumers import vllm_check
+
+        return vllm_check(artifact, log)
+
+
 def parse_size(value: Any) -> Any:
     """'2G', '500M', '64K', '1000' (bytes, decimal units) -> int; anything else unchanged for pydantic to judge."""
     if isinstance(value, str) and (m := re.fullmatch(r"\s*(\d+)\s*([KMG]?)B?\s*", value.upper())):

@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 
 from pipeline import handoff
 from pipeline.archs import ARCHS, arch
-from pipeline.formats.base import BuildContext, Format, missing_modules, parse_size
+from pipeline.formats.base import BuildContext, Format, ServedByVllm, missing_modules, parse_size
 from pipeline.formats.base import Options as BaseOptions
 from pipeline.types import FormatError, Manifest, Serving, SourceInfo, Step, Validation
 
@@ -91,7 +91,7 @@ class Options(BaseOptions):
         return parse_size(value)
 
 
-class Compressed(Format):
+class Compressed(ServedByVllm, Format):
     name = "compressed"
     shares_process = True  # torch and compressed-tensors: safe beside other targets (pipeline.lanes)
     quants = ("w4a16", "w8a8", "fp8", "nvfp4")
@@ -112,6 +112,14 @@ class Compressed(Format):
         if not options.gptq_target.startswith("gptq/"):
             raise FormatError(f"{options.gptq_target!r} is not a gptq target (expected gptq/<quant or name>)")
 
+    def gpu_only_serve(self) -> str | None:
+        """FP8 and NVFP4 are served on GPUs; vLLM's CPU build was not tried with them, so not started without CUDA."""
+        import torch
+
+        if self.quant in ("fp8", "nvfp4") and not torch.cuda.is_available():
+            return f"no_cuda_device: {KERNELS[self.quant]}"
+        return None
+
     @property
     def alpha(self) -> float | None:
         """SmoothQuant's α for this target, or None (no smoothing); `auto` is decided per source in `smoothing_for`."""
@@ -128,6 +136,8 @@ class Compressed(Format):
         return [self.options.gptq_target] if self.quant == "w4a16" else []
 
     def missing_dependency(self, step: Step) -> str | None:
+        if step == Step.SERVE:
+            return self.missing_vllm(step) or self.gpu_only_serve()
         if step in (Step.BUILD, Step.VALIDATE):
             return missing_modules({"compressed_tensors": "compressed-tensors"}, self.extra)
         return None

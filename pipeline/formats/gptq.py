@@ -46,7 +46,7 @@ from pipeline import handoff
 from pipeline.archs import arch
 from pipeline.checkpoint import ShardWriter
 from pipeline.corpus import calibration_samples, load_text, samples_digest
-from pipeline.formats.base import BuildContext, Format, check_group_size, parse_size, refuse_unless
+from pipeline.formats.base import BuildContext, Format, ServedByVllm, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
 from pipeline.resources import ModelSize, Needs
 from pipeline.source import load_tokenizer
@@ -85,7 +85,7 @@ def bits(quant: str) -> int:
     return {"int4": 4, "int8": 8}[quant]
 
 
-class GPTQ(Format):
+class GPTQ(ServedByVllm, Format):
     name = "gptq"
     shares_process = True  # torch, layer by layer: safe beside other targets (pipeline.lanes)
     quants = ("int4", "int8")
@@ -113,6 +113,8 @@ class GPTQ(Format):
         return True
 
     def missing_dependency(self, step: Step) -> str | None:
+        if step == Step.SERVE:
+            return self.missing_vllm(step)
         if step == Step.BUILD and self.options.quantizer == "gptqmodel":
             try:
                 import gptqmodel  # noqa: F401
@@ -122,8 +124,13 @@ class GPTQ(Format):
 
     def check(self, source: SourceInfo) -> None:
         row = arch(source.model_type)
-        refuse_unless(row.gptq, "GPTQ", source.model_type, "gptq",
-                      row.gptq_refused or "the layer-wise quantizer does not know its decoder layer's linears")
+        refuse_unless(
+            row.gptq,
+            "GPTQ",
+            source.model_type,
+            "gptq",
+            row.gptq_refused or "the layer-wise quantizer does not know its decoder layer's linears",
+        )
         check_experts(source, row.gptq_experts, self.options.quantizer)
         if self.options.group_size != -1:
             check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n))
