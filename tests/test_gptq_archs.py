@@ -66,3 +66,22 @@ def test_fused_expert_layouts_are_refused_with_the_reason(tiny_model, model_type
     source = inspect_checkpoint(tiny_model(model_type))
     with pytest.raises(FormatError, match=rf"GPTQ does not support architecture '{model_type}': .*{why}"):
         Format.for_target(Target(format="gptq", quant="int4")).check(source)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_shared_experts_stay_in_float_unless_the_recipe_asks(tmp_path, tiny_model, shared):
+    """Qwen 3.5 MoE's shared expert (every token goes through it) stays float16 like the router by default, listed
+    among the float linears; `shared_experts: true` packs it like the routed experts."""
+    import json
+
+    options = {"group_size": 32, "shared_experts": shared}
+    _, _, facts = build_artifact(tiny_model("qwen3_5_moe_text"), ("gptq", "int4", options), tmp_path,
+                                 calibration=CALIBRATION)  # fmt: skip
+    found = load_file(tmp_path / "model.safetensors")
+    packed = "model.layers.0.mlp.shared_expert.down_proj.qweight" in found
+    assert packed == shared and facts["shared_experts"] == ("quantized" if shared else "float16")
+    assert ("model.layers.0.mlp.shared_expert.down_proj.weight" in found) == (not shared)
+    assert "model.layers.0.mlp.experts.3.down_proj.qweight" in found  # the routed experts either way
+    assert "model.layers.0.mlp.shared_expert_gate.weight" in found
+    listed = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_in_block_to_quantize"]
+    assert ("mlp.shared_expert.down_proj" in listed[0]) == shared

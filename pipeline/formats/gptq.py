@@ -56,6 +56,7 @@ from pipeline.types import Calibration, FormatError, Manifest, Serving, SourceIn
 VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
 VLLM = "vLLM 0.32's GPTQ loader rules"
 LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(.+)\.weight$")  # a decoder layer tensor: its module's name
+SHARED_EXPERT = re.compile(r"(^|\.)shared_experts?\.")  # Qwen's `mlp.shared_expert.`, DeepSeek's `mlp.shared_experts.`
 RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
 
@@ -74,6 +75,9 @@ class Options(BaseOptions):
     # mixtures of experts: an expert the router sent fewer calibration tokens than this is calibrated on all of the
     # layer's tokens instead (0: only those that saw none; see pipeline.quantizers.layers)
     expert_floor: int = Field(64, ge=0)
+    # mixtures of experts: quantize the shared experts too (Qwen 3.5 MoE, Qwen3-Next, DeepSeek-V3); by default they
+    # stay in float16 like the routers: every token goes through them
+    shared_experts: bool = False
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -133,7 +137,8 @@ class GPTQ(ServedByVllm, Format):
         )
         check_experts(source, row.gptq_experts, self.options.quantizer)
         if self.options.group_size != -1:
-            check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n))
+            linears = gptq_linears(row, self.options.shared_experts)
+            check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n, linears))
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         calibration, spec = ctx.calibration, self.spec
@@ -151,11 +156,14 @@ class GPTQ(ServedByVllm, Format):
         else:
             # bench/gptq.py: on an idle 2-core machine two solver threads are faster than one; on a loaded one a
             # single thread solved 3-8x faster, which is what `threads: 1` is for
-            threads = self.options.threads or torch_threads()
+            threads, row = self.options.threads or torch_threads(), arch(source.model_type)
+            linears = gptq_linears(row, self.options.shared_experts)
             facts["layers"] = write_quantized(source, spec, samples, out_dir, self.options.shard_size, threads,
-                                              self.options.expert_floor, ctx.work)  # fmt: skip
+                                              self.options.expert_floor, ctx.work, linears)  # fmt: skip
             facts["solver_threads"] = threads
-            if arch(source.model_type).gptq_experts:
+            if any(SHARED_EXPERT.search(name) for name in row.gptq_linears):
+                facts["shared_experts"] = "quantized" if self.options.shared_experts else "float16"
+            if row.gptq_experts:
                 facts["expert_floor"] = self.options.expert_floor
                 facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"] if "coverage" in layer]
             write_configs(source, spec, out_dir, modules_in_block(facts["layers"], arch(source.model_type)))
@@ -272,21 +280,22 @@ def torch_threads() -> int:
 
 
 def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir: Path, shard_size: int,
-                    threads: int, expert_floor: int = 64, store_dir: Path | None = None) -> list:  # fmt: skip
+                    threads: int, expert_floor: int = 64, store_dir: Path | None = None,
+                    linears: tuple[str, ...] | None = None) -> list:  # fmt: skip
     """Quantize layer by layer and write the checkpoint; return each layer's per-linear output errors (GPTQ's and
     round-to-nearest's on the same grid, relative to the layer's float outputs on the calibration inputs; experts'
     as one mean per expert) and, for a mixture of experts, its coverage record. Forward passes use all of torch's
     threads; the solver uses `threads`. With `store_dir`, each finished layer is kept there and a rerun with the same
     inputs resumes after the last one (pipeline.quantizers.resume); the folder is removed once the checkpoint is
-    complete."""
+    complete. `linears`: those GPTQ quantizes (default: all the row lists)."""
     import torch
 
     from pipeline.quantizers.layers import LayerStream
 
     row = arch(source.model_type)
-    stream = LayerStream(source, samples, row.gptq_linears, experts=row.gptq_experts, expert_floor=expert_floor,
-                         capture=True)  # fmt: skip
-    store = layer_store(store_dir, source, spec, samples, expert_floor, stream.dtype, threads)
+    linears = linears or row.gptq_linears
+    stream = LayerStream(source, samples, linears, experts=row.gptq_experts, expert_floor=expert_floor, capture=True)
+    store = layer_store(store_dir, source, spec, samples, expert_floor, stream.dtype, threads, linears)
     writer = ShardWriter(out_dir, shard_size)
     for name, tensor in stream.other_tensors():
         writer.add(name, tensor.to(torch.float16))
@@ -346,7 +355,8 @@ class Written:
         self.tensors.append((name, tensor.contiguous()))
 
 
-def layer_store(folder: Path | None, source: SourceInfo, spec, samples, expert_floor: int, dtype, threads: int):
+def layer_store(folder: Path | None, source: SourceInfo, spec, samples, expert_floor: int, dtype, threads: int,
+                linears: tuple[str, ...]):  # fmt: skip
     """The store of finished layers for these inputs (None without a folder): everything that decides the bytes."""
     if folder is None:
         return None
@@ -356,6 +366,7 @@ def layer_store(folder: Path | None, source: SourceInfo, spec, samples, expert_f
 
     return LayerStore(folder, {"source": source.fingerprint, "spec": dataclasses.asdict(spec),
                                "samples": samples_digest(samples), "expert_floor": expert_floor, "dtype": str(dtype),
+                               "linears": list(linears),
                                "threads": threads, "forward_threads": torch.get_num_threads(),
                                "torch": torch.__version__})  # fmt: skip
 
@@ -421,12 +432,18 @@ def log_coverage(coverage: dict, layers: int) -> None:
              f", topped up to all tokens: {coverage['topped_up']}" if coverage["topped_up"] else "")  # fmt: skip
 
 
-def quantized_weight(row, name: str) -> bool:
-    """Whether checkpoint tensor `name` is the weight of a decoder layer linear (or expert) that GPTQ quantizes."""
+def gptq_linears(row, shared_experts: bool = False) -> tuple[str, ...]:
+    """The row's linears that GPTQ quantizes: a mixture of experts' shared experts only with `shared_experts`."""
+    return tuple(name for name in row.gptq_linears if shared_experts or not SHARED_EXPERT.search(name))
+
+
+def quantized_weight(row, name: str, linears: tuple[str, ...] | None = None) -> bool:
+    """Whether checkpoint tensor `name` is the weight of a decoder layer linear (or expert) that GPTQ quantizes
+    (`linears`, default all the row lists)."""
     match = LAYER_TENSOR.match(name)
     if not match:
         return False
-    return match[1] in row.gptq_linears or bool(row.gptq_experts and row.gptq_experts.matches(name))
+    return match[1] in (linears or row.gptq_linears) or bool(row.gptq_experts and row.gptq_experts.matches(name))
 
 
 def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
@@ -473,9 +490,11 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(reference.source, dtype=torch.float32).eval()
     row = arch(model.config.model_type)
     experts = row.gptq_experts
+    listed = quantization.get("modules_in_block_to_quantize")  # where some linears stayed in float: those quantized
+    linears = tuple(listed[0]) if listed else row.gptq_linears
     with torch.no_grad():
         for name, module in model.named_modules():
-            if isinstance(module, torch.nn.Linear) and quantized_weight(row, f"{name}.weight"):
+            if isinstance(module, torch.nn.Linear) and quantized_weight(row, f"{name}.weight", linears):
                 module.weight.data = rtn(module.weight.data, spec).dequantized
             elif experts and name.endswith(f".{experts.module}.experts"):  # fused: rows stay rows, one slice per expert
                 for fused in (module.gate_up_proj, module.down_proj):
