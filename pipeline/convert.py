@@ -443,6 +443,9 @@ def summarize(recipe: Recipe, source: SourceInfo, manifests: list[Manifest], sta
         "ok": not any(m.status == Status.FAILED for m in manifests),
         "targets": rows,
     }
+    coverage = {m.target: m.build["expert_coverage"] for m in manifests if (m.build or {}).get("expert_coverage")}
+    if coverage:  # mixtures of experts: how many calibration tokens each layer's experts saw (pipeline.report)
+        summary["expert_coverage"] = coverage
     recipe.output_dir().mkdir(parents=True, exist_ok=True)
     report = write_report(recipe.output_dir(), summary)
     summary["report"] = str(report["html"])

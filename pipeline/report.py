@@ -2,6 +2,8 @@
 
 Size against quality is the choice users make, so the chart plots file size against the perplexity ratio to the
 source, one labelled point per validated artifact. The HTML embeds the table and the chart and needs no network.
+A mixture of experts quantized with calibration (GPTQ) adds its expert-coverage table: per layer, the fewest, median
+and most calibration tokens the router sent an expert, and the experts topped up to all tokens.
 """
 
 from __future__ import annotations
@@ -56,7 +58,32 @@ def markdown(summary: dict[str, Any]) -> str:
         "|" + "---|" * len(heads),
     ]
     lines += ["| " + " | ".join(md_text(cell(r, c)) for c in COLUMNS) + " |" for r in summary["targets"]]
+    for target, layers in summary.get("expert_coverage", {}).items():
+        lines += ["", f"## Expert coverage: {md_text(target)}", "", "| " + " | ".join(COVERAGE) + " |",
+                  "|" + "---|" * len(COVERAGE)]  # fmt: skip
+        lines += ["| " + " | ".join(md_text(v) for v in coverage_cells(layer)) + " |" for layer in layers]
     return "\n".join([*lines, "", "![size against quality](report.png)", ""])
+
+
+COVERAGE = ("layer", "min tokens", "median tokens", "max tokens", "topped up")
+
+
+def coverage_cells(layer: dict[str, Any]) -> list[str]:
+    """One layer's expert-coverage record as table cells (layers counted from 1, as the build log counts them)."""
+    topped = ", ".join(map(str, layer["topped_up"])) or "-"
+    return [str(layer["layer"] + 1), str(layer["min_tokens"]), f"{layer['median_tokens']:g}", str(layer["max_tokens"]),
+            topped]  # fmt: skip
+
+
+def coverage_html(summary: dict[str, Any]) -> str:
+    parts = []
+    for target, layers in summary.get("expert_coverage", {}).items():
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in COVERAGE)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in coverage_cells(layer)) + "</tr>"
+                       for layer in layers)  # fmt: skip
+        parts.append(f"<h2>Expert coverage: {html.escape(target)}</h2>\n<table class=\"coverage\"><thead><tr>{head}"
+                     f"</tr></thead><tbody>{body}</tbody></table>\n")  # fmt: skip
+    return "".join(parts)
 
 
 def page(summary: dict[str, Any], chart_name: str) -> str:
@@ -80,7 +107,8 @@ tr.failed td {{ background: #fde2e2; }} tr.not_run td {{ background: #fff6d5; }}
 <p>source: <code>{html.escape(summary["source"]["spec"])}</code>; source model perplexity
 {html.escape(_source_ppl(summary["targets"]))}; run {html.escape(summary.get("finished_at") or "")}</p>
 <table id="results"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<img id="chart" src="{html.escape(chart_name)}" alt="file size against perplexity ratio" width="800">
+{coverage_html(summary)}<img id="chart" src="{html.escape(chart_name)}" alt="file size against perplexity ratio"
+ width="800">
 </body></html>
 """
 

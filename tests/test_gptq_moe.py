@@ -187,3 +187,31 @@ def test_moe_rows_and_refusals(tiny_model):
     target = Target(format="gptq", quant="int4", options={"group_size": 32, "quantizer": "gptqmodel"})
     with pytest.raises(FormatError, match="quantizer gptqmodel is not set up for mixture-of-experts"):
         Format.for_target(target).check(source)
+
+
+def test_a_run_report_shows_the_expert_coverage_table(tiny_model, tmp_path):
+    """A recipe run on a mixture of experts: the run's report (markdown and HTML) holds the GPTQ target's
+    expert-coverage table, one row per layer, from its manifest."""
+    import yaml
+
+    from pipeline.convert import run_recipe
+    from pipeline.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    path = write_recipe(tmp_path, tiny_model("qwen3_moe"), [("gptq", "int4")], budgets={"gptq/int4": {
+        "max_ppl_ratio": 2.0}})  # fmt: skip
+    data = yaml.safe_load(path.read_text())
+    data["targets"][0]["options"] = {"group_size": 32}
+    data["calibration"] = {"samples": 8, "seq_len": 128}
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    summary = run_recipe(recipe)
+    assert summary["ok"], summary
+    coverage = summary["expert_coverage"]["gptq/int4"]
+    assert [layer["layer"] for layer in coverage] == [0, 1]
+    report = (recipe.output_dir() / "report.md").read_text()
+    assert "## Expert coverage: gptq/int4" in report
+    rows = [line for line in report.splitlines() if line.startswith(("| 1 |", "| 2 |"))]
+    assert len(rows) == 2 and rows[0].startswith(f"| 1 | {coverage[0]['min_tokens']} |")
+    page = (recipe.output_dir() / "report.html").read_text()
+    assert "<h2>Expert coverage: gptq/int4</h2>" in page and page.count("<tr>") >= 3
