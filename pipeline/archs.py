@@ -156,21 +156,30 @@ LLAMA = Arch(
 
 # Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
 # gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
+# the Gated DeltaNet's metadata in llama.cpp's qwen3next and its Qwen 3.5 successors
+DELTANET_HPARAMS = {
+    "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
+    "add_ssm_state_size": ("linear_key_head_dim",),
+    "add_ssm_group_count": ("linear_num_key_heads",),
+    "add_ssm_time_step_rank": ("linear_num_value_heads",),
+    "add_ssm_inner_size": ("ssm_inner_size",),
+    "add_full_attention_interval": ("full_attention_interval", 4),
+}
+SHARED_EXPERT_HPARAMS = {
+    "add_expert_feed_forward_length": ("moe_intermediate_size",),
+    "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
+}
+
 QWEN35_TEXT = Arch(
     gguf="QWEN35",
     gguf_hparams={
-        "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
-        "add_ssm_state_size": ("linear_key_head_dim",),
-        "add_ssm_group_count": ("linear_num_key_heads",),
-        "add_ssm_time_step_rank": ("linear_num_value_heads",),
-        "add_ssm_inner_size": ("ssm_inner_size",),
-        "add_full_attention_interval": ("full_attention_interval", 4),
+        **DELTANET_HPARAMS,
         "add_rope_dimension_count": ("rope_dimensions",),
         "add_rope_dimension_sections": ("mrope_sections",),
     },
     norm_offset=1.0,  # Qwen 3.5's RMSNorm is Gemma's, 1 + weight; not the gated norm of the DeltaNet
     norm_offset_except=("ssm_norm.weight",),
-    gguf_checks=("qwen35_layers",),
+    gguf_checks=("qwen35_layers", "deltanet_head_dims"),
     gguf_transforms=("no_mtp", "gated_deltanet"),
     gptq_linears=(*ATTENTION_LINEARS, *DELTANET_LINEARS, *MLP_LINEARS),
     features=("hybrid: Gated DeltaNet + full attention",),
@@ -181,11 +190,7 @@ QWEN35_MOE_TEXT = Arch(
     **{
         **QWEN35_TEXT.__dict__,
         "gguf": "QWEN35MOE",
-        "gguf_hparams": {
-            **QWEN35_TEXT.gguf_hparams,
-            "add_expert_feed_forward_length": ("moe_intermediate_size",),
-            "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
-        },
+        "gguf_hparams": {**QWEN35_TEXT.gguf_hparams, **SHARED_EXPERT_HPARAMS},
         # the shared expert quantized like the routed ones; its one-row gate stays in float
         "gptq_linears": (*ATTENTION_LINEARS, *DELTANET_LINEARS, *(f"mlp.shared_expert.{p}" for p in SWIGLU)),
         "gptq_experts": Experts(),
@@ -343,9 +348,23 @@ ARCHS: dict[str, Arch] = {
             "the layer walker reads text-only checkpoints",
         }
     ),
+    # llama.cpp's qwen3next, without the MTP layer (--no-mtp): Qwen 3.5's predecessor, its DeltaNet projections fused
+    # (in_proj_qkvz split on the way, in_proj_ba kept), value heads grouped by key head as the checkpoint has them,
+    # every layer sparse with top-k weights renormalised, and the layer kinds written per layer
     "qwen3_next": Arch(
         mlx=True,
-        gguf_refused="not converted yet: the fused in_proj_qkvz/in_proj_ba split of llama.cpp's qwen3next is not here",
+        gguf="QWEN3NEXT",
+        gguf_hparams={
+            **DELTANET_HPARAMS,
+            "add_recurrent_layers": ("recurrent_layers",),
+            "add_rope_dimension_count": ("qwen3_next_rope_dimensions",),
+            **SHARED_EXPERT_HPARAMS,
+        },
+        gguf_requires={"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1},
+        norm_offset=1.0,  # 1 + weight, as in Qwen 3.5; not the gated norm of the DeltaNet
+        norm_offset_except=("ssm_norm.weight",),
+        gguf_checks=("deltanet_head_dims",),
+        gguf_transforms=("no_mtp", "fused_deltanet"),
         gptq_linears=(
             *ATTENTION_LINEARS,
             "linear_attn.in_proj_qkvz",

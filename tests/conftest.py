@@ -239,6 +239,17 @@ GGUF_CONFIGS = {
         moe_intermediate_size=256,
         shared_expert_intermediate_size=256,
     ),  # fmt: skip
+    # Qwen3-Next: the MoE above with Qwen3-Next's fused projections (in_proj_qkvz, in_proj_ba) and top-k
+    # renormalisation, as llama.cpp's qwen3next computes it
+    "qwen3_next": dict(
+        QWEN35_GGUF,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=256,
+        shared_expert_intermediate_size=256,
+        decoder_sparse_step=1,
+        norm_topk_prob=True,
+    ),  # fmt: skip
     "qwen3_5_moe": dict(
         text_config=None,  # filled in below, from qwen3_5_moe_text
         vision_config=VISION,

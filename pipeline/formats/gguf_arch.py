@@ -125,9 +125,17 @@ def _yarn_log_mul(config: dict) -> float | None:
     return None if mscale is None else 0.1 * mscale
 
 
+def _rope_dimensions(config: dict, factor: float = 1.0) -> int:
+    """The rotated dimensions of a head: `partial_rotary_factor` of the rope settings or the top level (the original
+    releases' configs), else `factor`, as llama.cpp's converter reads it."""
+    factor = rope(config).get("partial_rotary_factor", config.get("partial_rotary_factor", factor))
+    return int(head_dim(config) * factor)
+
+
 # values no single config key holds, by the name a row's `gguf_hparams` gives them
 DERIVED = {
-    "rope_dimensions": lambda c: int(head_dim(c) * rope(c).get("partial_rotary_factor", 1.0)),
+    "rope_dimensions": _rope_dimensions,
+    "qwen3_next_rope_dimensions": lambda c: _rope_dimensions(c, 0.25),  # transformers' and the converter's default
     "rope_theta_swa": lambda c: ((c.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta"),
     "sliding_layers": _sliding_layers,
     "mla_key_length": lambda c: c["kv_lora_rank"] + c["qk_rope_head_dim"],  # MQA over the latent and the rope part
@@ -136,6 +144,8 @@ DERIVED = {
     "sigmoid_routing": lambda c: gguf.ExpertGatingFuncType.SIGMOID,
     "deepseek_yarn_log_mul": _yarn_log_mul,
     "ssm_inner_size": lambda c: c["linear_value_head_dim"] * c["linear_num_value_heads"],
+    # which layers are Gated DeltaNet (llama.cpp reads this list before `full_attention_interval`)
+    "recurrent_layers": lambda c: [k == "linear_attention" for k in c["layer_types"]] if c.get("layer_types") else None,
     # Qwen 3.5's interleaved M-RoPE sections (text positions are equal in all of them), padded to 4 as llama.cpp reads
     "mrope_sections": lambda c: [*rope(c).get("mrope_section", [11, 11, 10]), 0, 0, 0][:4],
 }
@@ -150,12 +160,24 @@ def hparam(config: dict, key: str):
     return rope(config).get(key)
 
 
+# GGUFWriter methods of the gguf-py vendored with llama.cpp (llama-cpp-python 0.3.36) that the installed gguf-py
+# lacks, by the key they write (an array)
+NEWER_KEYS = {"add_recurrent_layers": "{arch}.attention.recurrent_layers"}
+
+
+def _writer_method(writer: gguf.GGUFWriter, method: str):
+    if hasattr(writer, method):
+        return getattr(writer, method)
+    key = NEWER_KEYS[method].format(arch=writer.arch)
+    return lambda value: writer.add_array(key, value)
+
+
 def add_hparams(writer: gguf.GGUFWriter, arch: Architecture, config: dict) -> None:
     for method, keys in arch.hparams.items():
         values = [hparam(config, k) if isinstance(k, str) else k for k in keys]
         value = next((v for v in values if v is not None), None)
         if value is not None:
-            getattr(writer, method)(value)
+            _writer_method(writer, method)(value)
     settings = rope(config)
     if settings["rope_type"] in ("linear", "yarn") and settings.get("factor"):
         writer.add_rope_scaling_type(gguf.RopeScalingType(settings["rope_type"]))
@@ -279,7 +301,6 @@ def _gated_deltanet(name: str, config: dict):
     def qkv_rows(t):  # q and k rows as they are, the value rows tiled
         return torch.cat([t[: 2 * key_dim], tiled(t[2 * key_dim :])])
 
-    last = name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name.rsplit(".", 1)[-1]
     forms = {
         "A_log": (name, lambda t: tiled(-torch.exp(t.float()), size=1)),
         "dt_bias": (name.replace(".dt_bias", ".dt_proj.bias"), lambda t: tiled(t, size=1)),
@@ -290,7 +311,40 @@ def _gated_deltanet(name: str, config: dict):
         "in_proj_b": (name, lambda t: tiled(t, size=1)),
         "out_proj": (name, lambda t: tiled(t, dim=1)),
     }
+    last = _module(name)
     return [forms[last]] if last in forms else None
+
+
+def _module(name: str) -> str:
+    """The last module of a tensor's name (`conv1d` of `...linear_attn.conv1d.weight`), or the parameter's own name
+    where it has no `.weight`/`.bias` (`A_log`)."""
+    return name.rsplit(".", 2)[-2] if name.endswith((".weight", ".bias")) else name.rsplit(".", 1)[-1]
+
+
+def _fused_deltanet(name: str, config: dict):
+    """Qwen3-Next's linear-attention (Gated DeltaNet) tensors as llama.cpp's qwen3next reads them: in_proj_qkvz, stored
+    per key-head group [q k v z], split into the q, k and v rows by kind (attn_qkv) and the z rows (attn_gate); A as
+    -exp(A_log), the conv kernel without its singleton axis, dt_bias under the dt_proj name. in_proj_ba stays fused
+    and the value heads grouped by key head, as the checkpoint has them."""
+    import torch
+
+    if ".linear_attn." not in name:
+        return None
+    k_heads, v_size = config["linear_num_key_heads"], config["linear_value_head_dim"] * config["linear_num_value_heads"]
+    sizes = [config["linear_key_head_dim"]] * 2 + [v_size // k_heads] * 2
+
+    def split(t):  # -> q, k, v, z, each [rows of every key head, hidden]
+        groups = t.reshape(k_heads, sum(sizes), t.shape[-1]).split(sizes, dim=1)
+        return [part.reshape(-1, t.shape[-1]) for part in groups]
+
+    forms = {
+        "A_log": [(name, lambda t: -torch.exp(t.float()))],
+        "dt_bias": [(name.replace(".dt_bias", ".dt_proj.bias"), lambda t: t)],
+        "conv1d": [(name, lambda t: t.squeeze(1))],
+        "in_proj_qkvz": [(name.replace("_qkvz", "_qkv"), lambda t: torch.cat(split(t)[:3])),
+                         (name.replace("_qkvz", "_z"), lambda t: split(t)[3])],
+    }  # fmt: skip
+    return forms.get(_module(name))
 
 
 def _no_mtp(name: str, config: dict):
@@ -305,7 +359,8 @@ def _no_mtp(name: str, config: dict):
 
 
 TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split, "gpt_oss_experts": _gpt_oss_experts,
-              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet, "no_mtp": _no_mtp}  # fmt: skip
+              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet,
+              "fused_deltanet": _fused_deltanet, "no_mtp": _no_mtp}  # fmt: skip
 
 
 def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
@@ -338,19 +393,25 @@ def _gemma3_attention_scale(config: dict) -> str | None:
 
 def _qwen35_layers(config: dict) -> str | None:
     """llama.cpp's qwen35 takes every `full_attention_interval`-th layer as full attention and the rest as Gated
-    DeltaNet (the gguf-py here cannot write a per-layer list), and one head size for keys and values."""
+    DeltaNet (its rows write no per-layer list)."""
     interval = config.get("full_attention_interval", 4)
     expected = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                 for i in range(config["num_hidden_layers"])]  # fmt: skip
     if config.get("layer_types", expected) != expected:
         kinds = config["layer_types"]
         return f"llama.cpp's qwen35 needs every {interval}th layer full attention, this checkpoint has {kinds}"
-    if config["linear_key_head_dim"] != config["linear_value_head_dim"]:
-        return "llama.cpp's qwen35 needs linear_key_head_dim == linear_value_head_dim"
     return None
 
 
-CHECKS = {"gemma3_attention_scale": _gemma3_attention_scale, "qwen35_layers": _qwen35_layers}
+def _deltanet_head_dims(config: dict) -> str | None:
+    """llama.cpp's Gated DeltaNet (qwen3next, qwen35) has one head size for keys and values (its ssm state size)."""
+    if config["linear_key_head_dim"] != config["linear_value_head_dim"]:
+        return "llama.cpp's Gated DeltaNet needs linear_key_head_dim == linear_value_head_dim"
+    return None
+
+
+CHECKS = {"gemma3_attention_scale": _gemma3_attention_scale, "qwen35_layers": _qwen35_layers,
+          "deltanet_head_dims": _deltanet_head_dims}  # fmt: skip
 
 
 def check_config(arch: Architecture, config: dict) -> None:
