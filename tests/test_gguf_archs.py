@@ -165,24 +165,27 @@ def test_gpt_oss_experts_are_deinterleaved_and_transposed(build, tiny_model):
     assert "blk.0.attn_sinks.weight" in tensors
 
 
-def test_mtp_layers_are_left_out_as_llama_cpp_converter_does(build, tiny_model, tmp_path):
-    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers; llama.cpp's deepseek2 file
-    has none (its converter skips it)."""
+@pytest.mark.parametrize("model,mtp", [("deepseek_v3", "model.layers.2.eh_proj.weight"),
+                                       ("qwen3_next", "mtp.fc.weight")])  # fmt: skip
+def test_mtp_layers_are_left_out_as_llama_cpp_converter_does(build, tiny_model, tmp_path, model, mtp):
+    """DeepSeek-V3 checkpoints carry a multi-token-prediction layer past num_hidden_layers, Qwen3-Next's under `mtp.`;
+    llama.cpp's files have none (its converter skips them, --no-mtp for qwen3next)."""
     from safetensors.torch import save_file
 
     from pipeline.checkpoint import Checkpoint
     from pipeline.formats.gguf import plan_tensors
     from pipeline.formats.gguf_arch import architecture
 
-    source = edited(tiny_model("deepseek_v3-gguf"), tmp_path)
+    source = edited(tiny_model(f"{model}-gguf"), tmp_path)
     tensors = load_file(source.path / "model.safetensors")
-    tensors["model.layers.2.eh_proj.weight"] = torch.zeros(256, 512)
+    tensors[mtp] = torch.zeros(256, 512)
     save_file(tensors, source.path / "model.safetensors", metadata={"format": "pt"})
     config = source.config()
     Format.for_target(Target(format="gguf", quant="f16")).check(source)
-    plan = plan_tensors(Checkpoint(source.path), architecture("deepseek_v3", config), config, "f16")
-    built = {t.name for t in gguf.GGUFReader(build("deepseek_v3", "f16")[0]).tensors}
-    assert {p.gguf_name for p in plan} == built and not any(name.startswith("blk.2.") for name in built)
+    plan = plan_tensors(Checkpoint(source.path), architecture(model, config), config, "f16")
+    built = {t.name for t in gguf.GGUFReader(build(model, "f16")[0]).tensors}
+    blocks = config["num_hidden_layers"]
+    assert {p.gguf_name for p in plan} == built and not any(name.startswith(f"blk.{blocks}.") for name in built)
 
 
 def edited(folder, tmp_path, **changes):
