@@ -154,8 +154,6 @@ LLAMA = Arch(
     trtllm_torch=True,
 )
 
-# Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
-# gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
 # the Gated DeltaNet's metadata in llama.cpp's qwen3next and its Qwen 3.5 successors
 DELTANET_HPARAMS = {
     "add_ssm_conv_kernel": ("linear_conv_kernel_dim",),
@@ -170,6 +168,8 @@ SHARED_EXPERT_HPARAMS = {
     "add_expert_shared_feed_forward_length": ("shared_expert_intermediate_size",),
 }
 
+# Qwen 3.5's language model (what transformers' Qwen3_5ForCausalLM saves): three Gated DeltaNet layers to one of
+# gated full attention; llama.cpp's qwen35, without the MTP layer (llama.cpp's converter's --no-mtp)
 QWEN35_TEXT = Arch(
     gguf="QWEN35",
     gguf_hparams={

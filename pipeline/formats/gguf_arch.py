@@ -393,7 +393,7 @@ def _gemma3_attention_scale(config: dict) -> str | None:
 
 def _qwen35_layers(config: dict) -> str | None:
     """llama.cpp's qwen35 takes every `full_attention_interval`-th layer as full attention and the rest as Gated
-    DeltaNet (its rows write no per-layer list)."""
+    DeltaNet (the qwen35 rows do not write the per-layer `recurrent_layers` list)."""
     interval = config.get("full_attention_interval", 4)
     expected = ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
                 for i in range(config["num_hidden_layers"])]  # fmt: skip
