@@ -282,7 +282,15 @@ def test_deployments_run_on_a_server_with_a_cpu_worker(prefect_server, smollm2_d
     starts = [datetime.fromisoformat(r["start_time"]) for r in submitted]
     ends = [datetime.fromisoformat(r["end_time"]) for r in submitted]
     assert max(starts) < min(ends), list(zip(starts, ends))
-    ran_by = {r["id"]: [w for w in ("cpu-a", "cpu-b") if f"submitting flow run '{r['id']}'"
-                        in (tmp_path / f"{w}.log").read_text()] for r in submitted}  # fmt: skip
+    ran_by = {r["id"]: [w for w in ("cpu-a", "cpu-b") if ran_on(tmp_path / f"{w}.log", r["id"])]
+              for r in submitted}  # fmt: skip
     assert all(len(by) == 1 for by in ran_by.values()), ran_by
     assert {by[0] for by in ran_by.values()} == {"cpu-a", "cpu-b"}, ran_by
+
+
+def ran_on(log, flow_run: str) -> bool:
+    """Whether the worker writing `log` ran `flow_run`: both workers may pick up a scheduled run and log
+    "submitting"; the one that loses the race to set it Pending then logs that it aborted the submission (Prefect's
+    workers/base.py; seen in CI)."""
+    text = log.read_text()
+    return f"submitting flow run '{flow_run}'" in text and f"Aborted submission of flow run '{flow_run}'" not in text
