@@ -90,8 +90,9 @@ def run_cell(model: str, target: str, tiny_model, out) -> None:
     top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
     r = correlation(ours, theirs)
     MATRIX_RESULTS.append((model, target, gap, float(abs(theirs).max()), top1, r))
-    if target in FLOAT:
-        assert gap <= 0.02 * abs(theirs).max(), f"{model} {target}: max |Δlogit| {gap:.4f}"
+    if target in FLOAT:  # llama.cpp computes in F16 here; our ONNX graph in float32 like transformers
+        limit = 1e-4 if target == "onnx/fp32" else 0.02 * abs(theirs).max()
+        assert gap <= limit, f"{model} {target}: max |Δlogit| {gap:.4f}"
     else:  # 4 bits of random weights move many top choices; a wrong tensor or layout leaves no correlation at all
         assert r >= 0.6, f"{model} {target}: logits' correlation with transformers' {r:.2f} (top-1 {top1:.2f})"
     if fmt_name == "gptq":

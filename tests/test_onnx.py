@@ -62,7 +62,7 @@ def test_standard_graph_interface(build, model):
     assert {node.domain for node in graph.node} <= standard | {"pkg.onnxscript.torch_lib.common"}
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2", "olmo2", "granite", "smollm3"])
+@pytest.mark.parametrize("model", ["llama", "qwen2"])  # every other row's onnx/fp32: tests/test_arch_matrix.py
 def test_standard_fp32_logits_match_transformers(build, model, tiny_model):
     folder, _, _ = build(model, "fp32")
     ids = load_tokenizer(tiny_model(model))(TEXT).input_ids
