@@ -198,6 +198,16 @@ QWEN35_MOE_TEXT = Arch(
     }
 )
 
+# what the released (multimodal) Qwen 3.5 checkpoints change in their text rows: GGUF leaves the vision tower out; the
+# GPTQ layer walker reads text-only checkpoints
+MULTIMODAL = {
+    "gguf_skip": ("model.visual.",),
+    "gptq_linears": (),
+    "gptq_experts": None,
+    "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); the layer walker "
+    "reads text-only checkpoints",
+}
+
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,
     "mistral": Arch(**{**LLAMA.__dict__, "trtllm": None}),  # llama.cpp runs Mistral (dense) as llama
@@ -322,32 +332,14 @@ ARCHS: dict[str, Arch] = {
     # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
     # (MLX through mlx-lm's qwen3_5 modules is tested on the text-only checkpoints transformers saves; mlx-lm's
     # modules read the multimodal ones too, untested here, so those rows leave MLX off)
-    "qwen3_5": Arch(
-        **{
-            **QWEN35_TEXT.__dict__,
-            "gguf_skip": ("model.visual.",),
-            "gptq_linears": (),
-            "gptq_experts": None,
-            "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
-            "the layer walker reads text-only checkpoints",
-        }
-    ),
+    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, **MULTIMODAL}),
     "qwen3_5_text": Arch(**{**QWEN35_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5"}),
     # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
     # linear per expert
     "qwen3_5_moe_text": Arch(
         **{**QWEN35_MOE_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5_moe", "mlx_tensors": (STACK_EXPERTS,)}
     ),  # fmt: skip
-    "qwen3_5_moe": Arch(
-        **{
-            **QWEN35_MOE_TEXT.__dict__,
-            "gguf_skip": ("model.visual.",),
-            "gptq_linears": (),
-            "gptq_experts": None,
-            "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); "
-            "the layer walker reads text-only checkpoints",
-        }
-    ),
+    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, **MULTIMODAL}),
     # llama.cpp's qwen3next, without the MTP layer (--no-mtp): Qwen 3.5's predecessor, its DeltaNet projections fused
     # (in_proj_qkvz split on the way, in_proj_ba kept), value heads grouped by key head as the checkpoint has them,
     # every layer sparse with top-k weights renormalised, and the layer kinds written per layer

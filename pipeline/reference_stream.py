@@ -47,7 +47,8 @@ log = logging.getLogger("weightsmith")
 
 
 def walkable(source: SourceInfo) -> str | None:
-    """Why the layer walker cannot run `source` (None when it can): it runs the rows GPTQ walks."""
+    """Why the layer walker cannot run `source` (None when it can): it runs the rows marked `stream_reference`
+    (Llama-style layers, whose inputs are the embeddings and whose attention needs no mask)."""
     if not arch(source.model_type).stream_reference:
         return f"the layer walker does not run {source.model_type} (it runs {', '.join(walked())})"
     return None

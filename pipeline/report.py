@@ -48,21 +48,23 @@ def write_report(folder: Path, summary: dict[str, Any]) -> dict[str, Path]:
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    heads = [COLUMNS[c][0] for c in COLUMNS]
     lines = [
         f"# {summary['model']}",
         "",
         f"source: {md_code(summary['source']['spec'])}; ppl of the source model: {_source_ppl(summary['targets'])}",
         "",
-        "| " + " | ".join(heads) + " |",
-        "|" + "---|" * len(heads),
+        *md_table([COLUMNS[c][0] for c in COLUMNS], [[cell(r, c) for c in COLUMNS] for r in summary["targets"]]),
     ]
-    lines += ["| " + " | ".join(md_text(cell(r, c)) for c in COLUMNS) + " |" for r in summary["targets"]]
     for target, layers in summary.get("expert_coverage", {}).items():
-        lines += ["", f"## Expert coverage: {md_text(target)}", "", "| " + " | ".join(COVERAGE) + " |",
-                  "|" + "---|" * len(COVERAGE)]  # fmt: skip
-        lines += ["| " + " | ".join(md_text(v) for v in coverage_cells(layer)) + " |" for layer in layers]
+        lines += ["", f"## Expert coverage: {md_text(target)}", ""]
+        lines += md_table(COVERAGE, [coverage_cells(layer) for layer in layers])
     return "\n".join([*lines, "", "![size against quality](report.png)", ""])
+
+
+def md_table(heads, rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines, every cell escaped."""
+    return ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads),
+            *("| " + " | ".join(md_text(v) for v in row) + " |" for row in rows)]  # fmt: skip
 
 
 COVERAGE = ("layer", "min tokens", "median tokens", "max tokens", "topped up")

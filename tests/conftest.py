@@ -179,6 +179,8 @@ TINY_CONFIGS = {
 QWEN35_GGUF = dict(SMALL, hidden_size=256, num_hidden_layers=4, head_dim=64, linear_num_key_heads=2,
                    linear_num_value_heads=4, linear_key_head_dim=64, linear_value_head_dim=64, rms_norm_eps=1e-6,
                    tie_word_embeddings=False, initializer_range=0.05)  # fmt: skip
+QWEN35_MOE_GGUF = dict(QWEN35_GGUF, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=256,
+                       shared_expert_intermediate_size=256)  # fmt: skip
 VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256)  # one vision block
 
 # the 2026 families for GGUF (`<model_type>-gguf` in TINY_MODELS): hidden and intermediate sizes multiples of 256,
@@ -232,24 +234,10 @@ GGUF_CONFIGS = {
         vision_config=VISION,
         tie_word_embeddings=False,
     ),
-    "qwen3_5_moe_text": dict(
-        QWEN35_GGUF,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=256,
-        shared_expert_intermediate_size=256,
-    ),  # fmt: skip
+    "qwen3_5_moe_text": dict(QWEN35_MOE_GGUF),
     # Qwen3-Next: the MoE above with Qwen3-Next's fused projections (in_proj_qkvz, in_proj_ba) and top-k
     # renormalisation, as llama.cpp's qwen3next computes it
-    "qwen3_next": dict(
-        QWEN35_GGUF,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=256,
-        shared_expert_intermediate_size=256,
-        decoder_sparse_step=1,
-        norm_topk_prob=True,
-    ),  # fmt: skip
+    "qwen3_next": dict(QWEN35_MOE_GGUF, decoder_sparse_step=1, norm_topk_prob=True),
     "qwen3_5_moe": dict(
         text_config=None,  # filled in below, from qwen3_5_moe_text
         vision_config=VISION,

@@ -205,10 +205,11 @@ class ServedByVllm:
     server_script = "vllm-serve.sh"
     server = "vLLM's OpenAI server"
 
-    def missing_vllm(self, step: Step) -> str | None:
+    def missing_vllm(self) -> str | None:
+        """Why the SERVE step cannot start vLLM here (no virtualenv), or None."""
         from pipeline.consumers import vllm_missing
 
-        return vllm_missing() if step == Step.SERVE else None
+        return vllm_missing()
 
     def serve(self, artifact: Path, manifest: Manifest, validation: Validation, log: Path) -> dict[str, Any]:
         from pipeline.consumers import vllm_check

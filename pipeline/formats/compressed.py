@@ -137,7 +137,7 @@ class Compressed(ServedByVllm, Format):
 
     def missing_dependency(self, step: Step) -> str | None:
         if step == Step.SERVE:
-            return self.missing_vllm(step) or self.gpu_only_serve()
+            return self.missing_vllm() or self.gpu_only_serve()
         if step in (Step.BUILD, Step.VALIDATE):
             return missing_modules({"compressed_tensors": "compressed-tensors"}, self.extra)
         return None

@@ -118,7 +118,7 @@ class GPTQ(ServedByVllm, Format):
 
     def missing_dependency(self, step: Step) -> str | None:
         if step == Step.SERVE:
-            return self.missing_vllm(step)
+            return self.missing_vllm()
         if step == Step.BUILD and self.options.quantizer == "gptqmodel":
             try:
                 import gptqmodel  # noqa: F401
@@ -166,7 +166,7 @@ class GPTQ(ServedByVllm, Format):
             if row.gptq_experts:
                 facts["expert_floor"] = self.options.expert_floor
                 facts["expert_coverage"] = [layer.pop("coverage") for layer in facts["layers"] if "coverage" in layer]
-            write_configs(source, spec, out_dir, modules_in_block(facts["layers"], arch(source.model_type)))
+            write_configs(source, spec, out_dir, modules_in_block(facts["layers"], row))
         facts["quantize_s"] = round(time.perf_counter() - start, 2)
         for name in [*source.tokenizer_files, "generation_config.json"]:
             if (source.path / name).is_file():

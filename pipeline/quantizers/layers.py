@@ -279,13 +279,11 @@ class LayerStream:
     def head(self) -> tuple[torch.nn.Module, torch.Tensor]:
         """The final norm and the output projection's weight (the input embeddings when tied), in the compute
         dtype: what turns the last layer's outputs into logits."""
-        names = self.checkpoint.names()
-        norm = self.model.model.norm.to_empty(device=self.device)
-        norm.load_state_dict({n.removeprefix("model.norm."): self.checkpoint.tensor(n).float() for n in names
-                              if n.startswith("model.norm.")})  # fmt: skip
-        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in names
+        norm = self.model.model.norm
+        self.materialise(norm, "model.norm.")
+        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in self.checkpoint.names()
         weight = self.checkpoint.tensor(EMBED if tied else "lm_head.weight").float()
-        return norm.to(self.dtype).eval(), weight.to(self.device, self.dtype)
+        return norm.eval(), weight.to(self.device, self.dtype)
 
     def linears(self, layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
         modules = dict(layer.named_modules())
