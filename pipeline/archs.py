@@ -51,13 +51,17 @@ class Experts:
     """Where a mixture-of-experts layer keeps its experts, for GPTQ. Checkpoints (and the GPTQ artifacts vLLM and
     GPTQModel load) hold one linear per expert and part, `{block}.experts.{e}.{gate|up|down}.weight`; transformers 5
     fuses them at load into `{module}.experts.gate_up_proj` [experts, 2·inter, hidden] (gate rows first) and
-    `{module}.experts.down_proj` [experts, hidden, inter], the router being `{module}.gate`."""
+    `{module}.experts.down_proj` [experts, hidden, inter], the router being `{module}.gate`. gpt-oss's and Llama 4's
+    checkpoints keep transformers' fused tensors instead (`fused`), which the artifact splits per expert."""
 
     block: str = "mlp"  # the checkpoint's name of the sparse block (Mixtral's original `block_sparse_moe`)
     gate: str = "gate_proj"  # the checkpoint's per-expert names of the three parts (Mixtral's w1, w3, w2)
     up: str = "up_proj"
     down: str = "down_proj"
     module: str = "mlp"  # transformers 5's attribute of the sparse block in the decoder layer
+    # the checkpoint keeps transformers' fused tensors, `{block}.experts.gate_up_proj` [experts, in, 2·inter] and
+    # `down_proj` [experts, inter, out], with `_bias` where the model has biases (gpt-oss, Llama 4); see `unfused`
+    fused: bool = False
 
     @property
     def parts(self) -> dict[str, str]:
@@ -69,9 +73,34 @@ class Experts:
         return f"{self.block}.experts.{expert}.{self.parts[part]}"
 
     def matches(self, name: str) -> bool:
-        """Whether checkpoint tensor `name` is an expert linear's weight."""
+        """Whether checkpoint tensor `name` is an expert linear's weight (fused: one of the two fused weights)."""
+        if self.fused:
+            return re.search(rf"\.{re.escape(self.block)}\.experts\.(gate_up_proj|down_proj)$", name) is not None
         parts = "|".join(re.escape(p) for p in self.parts.values())
         return re.search(rf"\.{re.escape(self.block)}\.experts\.\d+\.({parts})\.weight$", name) is not None
+
+    def owns(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` is any of the experts' tensors, weights or biases: written per expert."""
+        if self.fused:
+            return self.matches(name.removesuffix("_bias"))
+        return self.matches(re.sub(r"\.bias$", ".weight", name))
+
+    def unfused(self, state: dict, expert: int) -> dict[str, tuple]:
+        """One expert's gate_proj, up_proj and down_proj from a layer's tensors `state` (names within the layer), each
+        as a linear's (weight [out, in], bias or None). Fused: gate_proj and up_proj are the two halves of
+        gate_up_proj's output axis, as defuser splits it (GPTQModel's loader and ours run defuser). gpt-oss
+        interleaves gate and up along that axis, so each half holds both; defuser's forward concatenates the halves
+        back before gpt-oss's own activation, which de-interleaves them: the computation is the fused one."""
+        if not self.fused:
+            names = {part: self.name(expert, part) for part in self.parts}
+            return {part: (state[f"{n}.weight"], state.get(f"{n}.bias")) for part, n in names.items()}
+        fused = f"{self.block}.experts."
+        gate_up, down = state[f"{fused}gate_up_proj"][expert].T, state[f"{fused}down_proj"][expert].T
+        bias = state.get(f"{fused}gate_up_proj_bias")
+        halves = [None, None] if bias is None else bias[expert].chunk(2)
+        down_bias = state.get(f"{fused}down_proj_bias")
+        return {"gate_proj": (gate_up.chunk(2)[0], halves[0]), "up_proj": (gate_up.chunk(2)[1], halves[1]),
+                "down_proj": (down, None if down_bias is None else down_bias[expert])}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -329,17 +358,16 @@ ARCHS: dict[str, Arch] = {
         features=("multipliers",),
     ),
     # the families of late 2026 (a row without a format is known, and refused by every target with its reason).
-    # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out
-    # (MLX through mlx-lm's qwen3_5 modules is tested on the text-only checkpoints transformers saves; mlx-lm's
-    # modules read the multimodal ones too, untested here, so those rows leave MLX off)
-    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, **MULTIMODAL}),
+    # The released Qwen 3.5 checkpoints: the language model inside a multimodal one, its vision tower left out (by
+    # our GGUF writer, and by the `sanitize` of mlx-lm's qwen3_5 modules, which read both forms)
+    "qwen3_5": Arch(**{**QWEN35_TEXT.__dict__, **MULTIMODAL, "mlx": True}),
     "qwen3_5_text": Arch(**{**QWEN35_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5"}),
     # mlx-lm's qwen3_5_moe stacks the fused `experts.gate_up_proj` of the original release; transformers 5 saves one
     # linear per expert
     "qwen3_5_moe_text": Arch(
         **{**QWEN35_MOE_TEXT.__dict__, "mlx": True, "mlx_module": "qwen3_5_moe", "mlx_tensors": (STACK_EXPERTS,)}
     ),  # fmt: skip
-    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, **MULTIMODAL}),
+    "qwen3_5_moe": Arch(**{**QWEN35_MOE_TEXT.__dict__, **MULTIMODAL, "mlx": True, "mlx_tensors": (STACK_EXPERTS,)}),
     # llama.cpp's qwen3next, without the MTP layer (--no-mtp): Qwen 3.5's predecessor, its DeltaNet projections fused
     # (in_proj_qkvz split on the way, in_proj_ba kept), value heads grouped by key head as the checkpoint has them,
     # every layer sparse with top-k weights renormalised, and the layer kinds written per layer
@@ -382,12 +410,35 @@ ARCHS: dict[str, Arch] = {
         gguf_requires={"attn_logit_softcapping": None, "use_bidirectional_attention": False},
         gguf_checks=("gemma3_attention_scale",),
         gptq_linears=DENSE_LINEARS,
+        onnx_export=True,
         features=("sliding/global attention", "two rope bases"),
     ),
+    # Gemma 4 (llama.cpp's gemma4, dense): global layers with their own head size and proportional rope (the rope
+    # frequency factors generated), per-layer embeddings, a per-layer output scale; RMSNorm weights used as they are
     "gemma4_text": Arch(
         mlx=True,
-        gguf_refused="not converted yet: per-layer embeddings and llama.cpp's gemma4 metadata are not mapped, and "
-        "llama.cpp's converter reads Gemma's own tokenizer",
+        gguf="GEMMA4",
+        gguf_hparams={
+            "add_feed_forward_length": ("gemma4_feed_forward_lengths", "intermediate_size"),
+            "add_head_count_kv": ("gemma4_head_count_kv", "num_key_value_heads"),
+            "add_key_length": ("global_head_dim",),
+            "add_value_length": ("global_head_dim",),
+            "add_key_length_swa": ("head_dim",),
+            "add_value_length_swa": ("head_dim",),
+            "add_rope_dimension_count": ("global_head_dim",),
+            "add_rope_dimension_count_swa": ("swa_rope_dimensions",),
+            "add_rope_freq_base_swa": ("rope_theta_swa",),
+            # llama.cpp's gemma4 caps at 30 where the file has no cap: 0 turns it off (the converter writes none)
+            "add_final_logit_softcapping": ("final_logit_softcapping", 0.0),
+            "add_sliding_window": ("sliding_window",),
+            "add_sliding_window_pattern": ("sliding_layers",),
+            "add_shared_kv_layers": ("num_kv_shared_layers", 0),
+            "add_embedding_length_per_layer_input": ("hidden_size_per_layer_input", 0),
+        },
+        gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
+        gguf_requires={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
+        gguf_checks=("gemma4_dense", "gemma4_rope", "gemma4_per_layer_vocab", "gemma4_kv_sharing"),
+        gguf_transforms=("layer_scalar",),
         gptq_linears=DENSE_LINEARS,  # the per-layer input gate and projection stay in float; MoE variants refused
         features=("per-layer embeddings",),
     ),
@@ -413,8 +464,10 @@ ARCHS: dict[str, Arch] = {
         },
         gguf_requires={"swiglu_limit": 7.0},
         gguf_transforms=("gpt_oss_experts", "attention_sinks"),
-        gptq_refused="its experts are stored fused ([experts, in, out], gate/up interleaved, with biases); the GPTQ "
-        "writer writes one linear per expert, and no serving stack's GPTQ MoE loader reads gpt-oss's layout",
+        # GPTQ: each expert's three linears written as GPTQModel writes gpt-oss (defuser's split: see Experts.unfused),
+        # with their biases; the router and the attention sinks stay in float
+        gptq_linears=ATTENTION_LINEARS,
+        gptq_experts=Experts(fused=True),
         moe=True,
         features=("attention sinks", "MXFP4 experts"),
     ),  # fmt: skip
@@ -466,10 +519,35 @@ ARCHS: dict[str, Arch] = {
         mlx_module="llama4",
         mlx_text_config=True,
         mlx_requires={"num_experts_per_tok": 1, "no_rope_layer_interval": 4},  # hard-coded in mlx-lm's llama4
-        gguf_refused="llama.cpp (llama-cpp-python 0.3.36) aborts evaluating a converted tiny llama4 (`tensor buffer "
-        "not set`), so a file could not be validated",
-        gptq_refused="its experts are stored fused ([experts, in, 2 x inter]) and routed top-1 through a sigmoid "
-        "before the experts; the GPTQ writer writes one linear per expert",
+        # llama.cpp's llama4: experts split from transformers' fused tensors (gate half first), q/k rows as they are
+        # (Llama 4's rope already rotates interleaved pairs), and chunked attention of 8192 tokens, temperature
+        # tuning and the layer pattern fixed in its loader rather than read from the file
+        gguf="LLAMA4",
+        gguf_hparams={
+            "add_feed_forward_length": ("intermediate_size_mlp",),  # the dense layers'
+            "add_expert_feed_forward_length": ("intermediate_size",),
+            "add_interleave_moe_layer_step": ("interleave_moe_layer_step",),
+            "add_vocab_size": ("vocab_size",),
+            "add_rope_dimension_count": ("rope_dimensions",),
+        },
+        gguf_requires={
+            "attention_chunk_size": 8192,
+            "attn_temperature_tuning": True,
+            "floor_scale": 8192,
+            "attn_scale": 0.1,
+        },  # fmt: skip
+        gguf_checks=("llama4_layers",),
+        gguf_transforms=("llama4_experts",),
+        # GPTQ: the experts written per expert as GPTQModel writes Llama 4 (defuser's split of gate_up_proj, gate
+        # first), each calibrated on its tokens as the model feeds them (scaled by the router's sigmoid score); the
+        # dense layers' MLP and the shared expert as a dense MLP (the shared expert float16 unless asked); the
+        # router stays float16
+        gptq_linears=(
+            *ATTENTION_LINEARS,
+            *(f"feed_forward.{p}" for p in SWIGLU),
+            *(f"feed_forward.shared_expert.{p}" for p in SWIGLU),
+        ),
+        gptq_experts=Experts(block="feed_forward", module="feed_forward", fused=True),
         moe=True,
         features=("MoE and dense layers", "chunked attention"),
     ),

@@ -22,6 +22,18 @@ import json
 import os
 from pathlib import Path
 
+from pipeline.types import FormatError
+
+# gpt-oss as released keeps its experts packed in MXFP4: `<fused expert tensor>_blocks` and `_scales`
+MXFP4_PARTS = ("_blocks", "_scales")
+
+
+def mxfp4_packed(fmt: str, name: str, why: str) -> FormatError:
+    """The refusal of an MXFP4-packed expert tensor, saying how to get the float checkpoint the formats read."""
+    return FormatError(f"{fmt}: {name} is an MXFP4-packed expert tensor, {why}; load the checkpoint dequantized "
+                       f"(transformers' Mxfp4Config(dequantize=True)) and save it first")  # fmt: skip
+
+
 MAX_HEADER = 100 * 2**20  # the safetensors reference implementation refuses headers above 100 MB
 INDEX = "model.safetensors.index.json"
 

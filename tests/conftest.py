@@ -203,6 +203,27 @@ GGUF_CONFIGS = {
         tie_word_embeddings=True,
         initializer_range=0.05,
     ),
+    # global layers with twice the sliding layers' head size, proportional rope, per-layer embeddings, final logit
+    # soft-capping (as the released models have). Gemma 4 attends with scale 1 on rms-normed q and k, so a random
+    # model's softmax sharpens with the head size (at 64/128, rounding the weights to F16 alone moves transformers'
+    # logits by 0.1): small heads, many of them
+    "gemma4_text": dict(
+        SMALL,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=16,
+        head_dim=16,
+        global_head_dim=32,
+        sliding_window=16,  # shorter than the test prompts: the window matters
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        hidden_size_per_layer_input=64,
+        vocab_size_per_layer_input=49152,
+        final_logit_softcapping=30.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+    ),
     # first layer dense, then 4 routed experts (2 per token) and a shared one; q and kv through their low-rank paths
     "deepseek_v3": dict(
         SMALL,
@@ -254,6 +275,16 @@ GGUF_CONFIGS = {
         sliding_window=16,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
+        initializer_range=0.05,
+    ),
+    # Llama 4 as llama.cpp's llama4 runs it: chunks of 8192 tokens (fixed in llama.cpp), every 2nd layer sparse
+    "llama4_text": dict(
+        TINY_CONFIGS["llama4_text"],
+        hidden_size=256,
+        intermediate_size=256,
+        intermediate_size_mlp=512,
+        head_dim=64,
+        attention_chunk_size=8192,
         initializer_range=0.05,
     ),
 }
@@ -318,6 +349,9 @@ TINY_MODELS = {
     "mixtral": ("mixtral", {}),
     "granite": ("granite", {}),
     "llama-4-layers": ("llama", {"num_hidden_layers": 4}),
+    # Gemma 4's MoE variant: a sparse block of 4 experts (2 per token) beside each layer's dense MLP
+    "gemma4_text-moe": ("gemma4_text", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                        "moe_intermediate_size": 64}),
     **{name: (name, {}) for name in ("qwen3_next", "gemma3_text", "gemma4_text", "gpt_oss", "deepseek_v3",
                                      "llama4_text", "qwen3_5_text", "qwen3_5_moe_text")},
     # (model_type, overrides, GGUF_CONFIGS): the GGUF tests' checkpoints; the released Qwen 3.5 form is multimodal
@@ -349,6 +383,22 @@ def tiny_model(tmp_path_factory, smollm2_dir):
             made[name] = make_tiny_model(tmp_path_factory.mktemp("tiny"), model_type, smollm2_dir,
                                          base=base[0] if base else None, **overrides)  # fmt: skip
         return made[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def gguf_build(tiny_model, tmp_path_factory):
+    """gguf_build(model, quant) -> (GGUF file, build facts) of the `<model>-gguf` tiny checkpoint, built once per test
+    session: the GGUF family tests and the architecture matrix read the same files (neither writes to them)."""
+    built: dict = {}
+
+    def get(model: str, quant: str):
+        if (model, quant) not in built:
+            out = tmp_path_factory.mktemp(f"{model}-{quant}")
+            _, _, info = build_artifact(tiny_model(f"{model}-gguf"), ("gguf", quant), out)
+            built[model, quant] = (out / info["file"], info)
+        return built[model, quant]
 
     return get
 
@@ -416,6 +466,33 @@ def spm_tokenizer_dir(tmp_path_factory) -> Path:
     tokenizer["pre_tokenizer"] = None
     (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
     (folder / "config.json").write_text(json.dumps({"vocab_size": 512, "bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def gemma_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Gemma-style tokenizer: SentencePiece BPE with byte fallback trained on the corpus (no dummy prefix, <pad>
+    <eos> <bos> <unk> first), as transformers' GemmaTokenizer saves it: tokenizer.json only, spaces as ▁."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    from pipeline.corpus import CORPUS_FILE
+
+    folder = tmp_path_factory.mktemp("gemma-tokenizer")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS_FILE.read_text().split("\n")), model_writer=model,
+                                   vocab_size=512, model_type="bpe", byte_fallback=True, add_dummy_prefix=False,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
+                                   split_digits=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>",
+                                   eos_piece="<eos>", bos_piece="<bos>", character_coverage=1.0,
+                                   minloglevel=2)  # fmt: skip
+    (folder / "tokenizer.model").write_bytes(model.getvalue())
+    settings = {"tokenizer_class": "GemmaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+                "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False}  # fmt: skip
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # tokenizer.json, with an added <mask> (id 512)
+    (folder / "tokenizer.model").unlink()
+    (folder / "config.json").write_text(json.dumps({"vocab_size": 520, "bos_token_id": 2, "eos_token_id": 1}))
     return folder
 
 

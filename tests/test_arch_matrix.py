@@ -33,12 +33,12 @@ def test_every_architecture_of_the_table_has_a_tiny_checkpoint():
 
 @pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("model", sorted(ARCHS))
-def test_each_cell_is_checked_or_refused_up_front(model, target, tiny_model, tmp_path):
+def test_each_cell_is_checked_or_refused_up_front(model, target, tiny_model, gguf_build, tmp_path):
     fmt_name, quant, options, attribute, label = TARGETS[target]
     source = inspect_checkpoint(tiny_model(model))
     fmt = Format.for_target(Target(format=fmt_name, quant=quant, options=options))
     if getattr(arch(source.model_type), attribute):
-        run_cell(model, target, tiny_model, tmp_path)
+        run_cell(model, target, tiny_model, gguf_build, tmp_path)
         return
     with pytest.raises(FormatError) as refused:
         fmt.check(source)
@@ -67,19 +67,24 @@ def reference_logits(folder):
     return _REFERENCE[folder]
 
 
-def run_cell(model: str, target: str, tiny_model, out) -> None:
-    """Build the cell's artifact, run TEXT through it in its runtime, compare with transformers, record the figures."""
+def run_cell(model: str, target: str, tiny_model, gguf_build, out) -> None:
+    """Build the cell's artifact, run TEXT through it in its runtime, compare with transformers, record the figures.
+    The GGUF cells of the families with a `-gguf` checkpoint read the files tests/test_gguf_archs.py checks."""
     from types import SimpleNamespace
 
     from pipeline.types import Validation
 
     fmt_name, quant, options, _, _ = TARGETS[target]
-    name = f"{model}-gguf" if fmt_name == "gguf" and f"{model}-gguf" in TINY_MODELS else model
-    folder = tiny_model(name)
+    own_gguf = fmt_name == "gguf" and f"{model}-gguf" in TINY_MODELS
+    folder = tiny_model(f"{model}-gguf" if own_gguf else model)
     ids, theirs = reference_logits(folder)
-    fmt, _, facts = build_artifact(
-        folder, (fmt_name, quant, options), out, calibration=Calibration(samples=4, seq_len=64)
-    )
+    if own_gguf:
+        path, facts = gguf_build(model, quant)
+        fmt, out = Format.for_target(Target(format=fmt_name, quant=quant, options=options)), path.parent
+    else:
+        fmt, _, facts = build_artifact(
+            folder, (fmt_name, quant, options), out, calibration=Calibration(samples=4, seq_len=64)
+        )
     reference = SimpleNamespace(prompts=[SimpleNamespace(ids=ids[:8])], chunks=[ids])
     runtime = fmt.open_runtime(out, reference, Validation(max_new_tokens=4))
     try:

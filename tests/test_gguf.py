@@ -244,8 +244,9 @@ def test_unknown_architecture_fails_before_writing(models, tmp_path):
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
     supported = (
-        "deepseek_v3, gemma2, gemma3_text, gpt_oss, granite, llama, mistral, mixtral, olmo2, phi3, qwen2, "
-        "qwen3, qwen3_5, qwen3_5_moe, qwen3_5_moe_text, qwen3_5_text, qwen3_moe, qwen3_next, smollm3"
+        "deepseek_v3, gemma2, gemma3_text, gemma4_text, gpt_oss, granite, llama, llama4_text, mistral, mixtral, "
+        "olmo2, phi3, qwen2, qwen3, qwen3_5, qwen3_5_moe, qwen3_5_moe_text, qwen3_5_text, qwen3_moe, qwen3_next, "
+        "smollm3"
     )
     with pytest.raises(FormatError, match=rf"does not support architecture 'gpt_neox'.*\(supported: {supported}\)"):
         Format.for_target(Target(format="gguf", quant="f16")).check(inspect_checkpoint(folder))

@@ -1,5 +1,5 @@
-"""GGUF export of the 2026 families (Gemma 3, DeepSeek-V3, gpt-oss, Qwen 3.5 and its MoE, Qwen3-Next) on tiny random
-checkpoints.
+"""GGUF export of the 2026 families (Gemma 3 and 4, DeepSeek-V3, gpt-oss, Qwen 3.5 and its MoE, Qwen3-Next, Llama 4)
+on tiny random checkpoints.
 
 Each is checked the way a user would meet it: llama.cpp (through llama-cpp-python) loads the F16 file and gives
 transformers' logits, and the Q4_K_M file made by llama.cpp's own quantizer stays close to them; the file holds the
@@ -11,7 +11,6 @@ shorter than the prompt, so that the window and both layer kinds count.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 
 import gguf
@@ -28,26 +27,19 @@ from pipeline.types import FormatError, Target
 from tests.conftest import build_artifact, kl_divergence
 
 # model_type -> llama.cpp's architecture
-ARCHS = {"gemma3_text": "gemma3", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "qwen3_5_text": "qwen35",
-         "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next"}  # fmt: skip
+ARCHS = {"gemma3_text": "gemma3", "gemma4_text": "gemma4", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss",
+         "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "qwen3_next": "qwen3next",
+         "llama4_text": "llama4"}  # fmt: skip
 # the released Qwen 3.5 form: the same language models inside multimodal checkpoints (vision tower left out)
 MULTIMODAL = {"qwen3_5": "qwen35", "qwen3_5_moe": "qwen35moe"}
 TEXT = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing to do: "
         "once or twice she had peeped into the book her sister was reading.")  # fmt: skip
-_BUILT: dict = {}
 _REFERENCE: dict = {}
 
 
 @pytest.fixture(scope="module")
-def build(tiny_model, tmp_path_factory):
-    def _build(model: str, quant: str):
-        if (model, quant) not in _BUILT:
-            out = tmp_path_factory.mktemp(f"{model}-{quant}")
-            _, _, info = build_artifact(tiny_model(f"{model}-gguf"), ("gguf", quant), out)
-            _BUILT[model, quant] = (out / info["file"], info)
-        return _BUILT[model, quant]
-
-    return _build
+def build(gguf_build):
+    return gguf_build
 
 
 @pytest.fixture(scope="module")
@@ -215,22 +207,25 @@ def test_mxfp4_packed_gpt_oss_experts_are_refused(tiny_model, tmp_path):
      ("gpt_oss", {"swiglu_limit": 5.0}, r"gpt-oss assumes swiglu_limit: 7\.0, this checkpoint has 5\.0"),
      ("deepseek_v3", {"rope_interleave": False}, r"deepseek2 assumes rope_interleave: True"),
      ("qwen3_next", {"norm_topk_prob": False}, r"qwen3next assumes norm_topk_prob: True"),
-     ("qwen3_next", {"linear_value_head_dim": 32}, r"DeltaNet needs linear_key_head_dim == linear_value_head_dim")],
+     ("qwen3_next", {"linear_value_head_dim": 32}, r"DeltaNet needs linear_key_head_dim == linear_value_head_dim"),
+     ("gemma4_text", {"enable_moe_block": True}, r"mixture-of-experts Gemma 4 \(enable_moe_block\) is not converted"),
+     ("gemma4_text", {"hidden_activation": "gelu"}, r"gemma4 assumes hidden_activation: 'gelu_pytorch_tanh'"),
+     ("gemma4_text", {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 1e6}}},
+      r"global layers with proportional rope only, this checkpoint has 'default'"),
+     ("gemma4_text", {"rope_parameters": {"full_attention": {"rope_type": "proportional", "factor": 8.0}}},
+      r"proportional rope is written unscaled, this checkpoint scales it by 8\.0"),
+     ("gemma4_text", {"vocab_size_per_layer_input": 256}, r"vocab_size_per_layer_input 256 for vocab_size 49152"),
+     ("gemma4_text", {"num_kv_shared_layers": 1}, r"last two unshared layers \(sliding, then global\), this "
+                                                  r"checkpoint's are \['full_attention', 'sliding_attention'\]"),
+     ("llama4_text", {"attention_chunk_size": 8}, r"llama4 assumes attention_chunk_size: 8192, this checkpoint has 8$"),
+     ("llama4_text", {"use_qk_norm": False}, r"llama4 assumes use_qk_norm: True, this checkpoint has False"),
+     ("llama4_text", {"no_rope_layers": [1, 1, 1, 1]}, r"llama4 assumes no_rope_layers: \[1, 1, 1, 0\]")],
 )  # fmt: skip
 def test_configs_llama_cpp_would_compute_differently_are_refused(tiny_model, tmp_path, model, changes, why):
     with pytest.raises(FormatError, match=why):
         Format.for_target(Target(format="gguf", quant="f16")).check(
             edited(tiny_model(f"{model}-gguf"), tmp_path, **changes)
         )
-
-
-@pytest.mark.parametrize("model_type", ["gemma4_text", "llama4_text"])
-def test_families_not_converted_yet_are_refused_with_their_reason(tiny_model, tmp_path, model_type):
-    source = edited(tiny_model("llama"), tmp_path, model_type=model_type)
-    why = re.escape(archs.arch(model_type).gguf_refused)
-    assert why
-    with pytest.raises(FormatError, match=rf"does not support architecture '{model_type}': {why} \(supported: "):
-        Format.for_target(Target(format="gguf", quant="f16")).check(source)
 
 
 def test_qwen35_value_heads_are_tiled_and_a_is_negative_exp(build, tiny_model):
@@ -280,3 +275,99 @@ def test_qwen3_next_metadata_has_the_layer_kinds_and_partial_rope(build):
                 "ssm.time_step_rank": 4, "ssm.inner_size": 256, "expert_count": 4, "expert_used_count": 2,
                 "expert_feed_forward_length": 256, "expert_shared_feed_forward_length": 256}  # fmt: skip
     assert {k: got[f"qwen3next.{k}"] for k in expected} == expected
+
+
+def test_gemma4_metadata_has_both_layer_kinds_and_the_per_layer_embeddings(build):
+    """Global layers with their own head size, rotating the whole head (proportional rope: the frequencies past the
+    first quarter stopped by rope_freqs factors of 1e30), sliding ones rotating all of theirs."""
+    path = build("gemma4_text", "f16")[0]
+    got = fields(path)
+    expected = {"attention.key_length": 32, "attention.value_length": 32, "attention.key_length_swa": 16,
+                "attention.value_length_swa": 16, "rope.dimension_count": 32, "rope.dimension_count_swa": 16,
+                "rope.freq_base": 1000000.0, "rope.freq_base_swa": 10000.0, "attention.sliding_window": 16,
+                "attention.sliding_window_pattern": [True, False, True, False], "attention.shared_kv_layers": 0,
+                "embedding_length_per_layer_input": 64, "final_logit_softcapping": 30.0,
+                "attention.head_count_kv": 2}  # fmt: skip
+    assert {k: got[f"gemma4.{k}"] for k in expected} == expected
+    tensors = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    assert list(tensors["rope_freqs.weight"].data) == [1.0] * 4 + [1e30] * 12
+    assert list(tensors["blk.3.layer_output_scale.weight"].data) == [1.0]  # the checkpoint's layer_scalar
+    assert tensors["per_layer_token_embd.weight"].shape.tolist() == [4 * 64, 49152]
+
+
+def test_gemma4_without_a_cap_writes_zero_as_llama_cpp_would_cap_at_30(tiny_model, tmp_path):
+    """llama.cpp's gemma4 caps final logits at 30 when the file names no cap; transformers caps at none."""
+    source = edited(tiny_model("gemma4_text-gguf"), tmp_path, final_logit_softcapping=None)
+    (out := tmp_path / "out").mkdir()
+    _, _, info = build_artifact(source.path, ("gguf", "f16"), out)
+    assert fields(out / info["file"])["gemma4.final_logit_softcapping"] == 0.0
+
+
+def test_gemma4_shared_kv_double_wide_mlp_and_k_as_v_match_transformers(smollm2_dir, tmp_path):
+    """The E2B/E4B and 31B layouts: the last layers reuse the KV cache of the last unshared layer of their kind with
+    a double-wide MLP, and the global layers have one KV head whose keys are also the values (no v_proj)."""
+    from tests.conftest import GGUF_CONFIGS, make_tiny_model
+
+    kinds = ["sliding_attention", "full_attention"] * 3
+    folder = make_tiny_model(tmp_path / "ckpt", "gemma4_text", smollm2_dir, base=GGUF_CONFIGS,
+                             num_hidden_layers=6, layer_types=kinds, num_kv_shared_layers=2,
+                             use_double_wide_mlp=True, attention_k_eq_v=True, num_global_key_value_heads=1)  # fmt: skip
+    (out := tmp_path / "out").mkdir()
+    _, _, info = build_artifact(folder, ("gguf", "f16"), out)
+    got = fields(out / info["file"])
+    assert got["gemma4.attention.shared_kv_layers"] == 2 and got["gemma4.feed_forward_length"] == [512] * 4 + [1024] * 2
+    assert got["gemma4.attention.head_count_kv"] == [2, 1] * 3
+    from transformers import AutoModelForCausalLM
+
+    ids = load_tokenizer(folder)(TEXT).input_ids
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    delta = np.abs(llama_cpp_logits(out / info["file"], ids) - want).max()
+    assert delta < 1e-2 * np.abs(want).max(), delta
+
+
+def test_gemma4_with_a_gemma_tokenizer_is_written_as_llama_cpp_converter_writes_it(gemma_tokenizer_dir, tmp_path):
+    """A Gemma tokenizer (SentencePiece-style BPE in tokenizer.json, no tokenizer.model) as llama.cpp's `gemma4`
+    vocabulary, as its converter writes it: no pre-tokenizer name, no space prefix, BOS added; llama.cpp then
+    tokenizes as transformers does and gives its logits."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import GGUF_CONFIGS, make_tiny_model
+
+    folder = make_tiny_model(tmp_path / "ckpt", "gemma4_text", gemma_tokenizer_dir, base=GGUF_CONFIGS,
+                             vocab_size_per_layer_input=520, pad_token_id=0)  # fmt: skip
+    (out := tmp_path / "out").mkdir()
+    _, _, info = build_artifact(folder, ("gguf", "f16"), out)
+    got = fields(out / info["file"])
+    assert got["tokenizer.ggml.model"] == "gemma4" and "tokenizer.ggml.pre" not in got
+    assert got["tokenizer.ggml.add_space_prefix"] is False and got["tokenizer.ggml.add_bos_token"] is True
+    tokenizer = load_tokenizer(folder)
+    runtime = LlamaCppRuntime(out / info["file"], n_ctx=256)
+    try:
+        for text in (TEXT, " a leading space,  two spaces\n\nand newlines\n", "digits 12345, ünïcödé ✅\t tab"):
+            assert runtime.tokenize(text) == tokenizer(text).input_ids, text
+        ids = tokenizer(TEXT).input_ids
+        logits = runtime.logits(ids)
+    finally:
+        runtime.close()
+    with torch.inference_mode():
+        want = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - want).max() < 1e-2 * np.abs(want).max()
+
+
+def test_llama4_experts_are_split_gate_half_first_and_transposed(build, tiny_model):
+    """transformers' fused gate_up_proj [experts, hidden, 2·inter] (gate half first) and down_proj [experts, inter,
+    hidden] -> llama.cpp's [experts, out, in] (torch order); the shared expert and the dense layers as they are."""
+    source = load_file(tiny_model("llama4_text-gguf") / "model.safetensors")
+    tensors = {t.name: t for t in gguf.GGUFReader(build("llama4_text", "f16")[0]).tensors}
+    gate_up, down = (source[f"model.layers.1.feed_forward.experts.{p}"] for p in ("gate_up_proj", "down_proj"))
+    wants = {"ffn_gate_exps": gate_up[..., :256].transpose(1, 2), "ffn_up_exps": gate_up[..., 256:].transpose(1, 2),
+             "ffn_down_exps": down.transpose(1, 2)}  # fmt: skip
+    for name, want in wants.items():
+        got = np.array(tensors[f"blk.1.{name}.weight"].data)
+        np.testing.assert_array_equal(got, want.half().numpy(), err_msg=name)
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # the router
+    assert "blk.1.ffn_up_shexp.weight" in tensors and "blk.0.ffn_up.weight" in tensors  # shared expert, dense layer
+    got = fields(build("llama4_text", "f16")[0])
+    assert (got["llama4.feed_forward_length"], got["llama4.expert_feed_forward_length"]) == (512, 256)
+    assert got["llama4.interleave_moe_layer_step"] == 2 and got["llama4.expert_used_count"] == 1

@@ -61,11 +61,36 @@ def test_hybrid_layers_keep_their_decay_projections_in_float_and_say_so(tmp_path
     assert "linear_attn.in_proj_a" not in config["modules_in_block_to_quantize"][0]
 
 
-@pytest.mark.parametrize("model_type, why", [("gpt_oss", "stored fused"), ("llama4_text", "stored fused")])
-def test_fused_expert_layouts_are_refused_with_the_reason(tiny_model, model_type, why):
-    source = inspect_checkpoint(tiny_model(model_type))
-    with pytest.raises(FormatError, match=rf"GPTQ does not support architecture '{model_type}': .*{why}"):
-        Format.for_target(Target(format="gptq", quant="int4")).check(source)
+def test_fused_experts_need_a_group_size_that_divides_their_input(tiny_model):
+    """Experts stored fused ([experts, in, out], gpt-oss) are 3-D, which the common group-size check skips: their
+    input size is checked on its own (gpt-oss-20b's 2880 takes groups of 32 or 64, not 128)."""
+    from pipeline.formats.gptq import check_fused_group_size
+
+    source = inspect_checkpoint(tiny_model("gpt_oss"))
+    with pytest.raises(FormatError, match=r"group size 128 does not divide the input size 64 of the experts"):
+        check_fused_group_size(source, 128, arch("gpt_oss").gptq_experts)
+    check_fused_group_size(source, 32, arch("gpt_oss").gptq_experts)
+
+
+def test_mxfp4_packed_experts_are_refused_with_the_way_out(tiny_model, tmp_path):
+    """gpt-oss as released keeps its experts in MXFP4 (`gate_up_proj_blocks`/`_scales`): refused, saying how to get
+    the float checkpoint the quantizer reads."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    folder = tiny_model("gpt_oss")
+    for file in folder.iterdir():
+        if file.is_file() and file.name != "model.safetensors":
+            shutil.copy(file, tmp_path / file.name)
+    state = load_file(folder / "model.safetensors")
+    packed = {n.replace("experts.gate_up_proj", "experts.gate_up_proj_blocks") if n.endswith("gate_up_proj") else n: t
+              for n, t in state.items()}  # fmt: skip
+    save_file(packed, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(FormatError, match=r"MXFP4-packed expert tensor.*Mxfp4Config\(dequantize=True\)"):
+        Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 32})).check(
+            inspect_checkpoint(tmp_path)
+        )
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -80,7 +80,8 @@ def full_sequence_greedy(runtime, ids, n) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("model", ["llama", "qwen2"])
+# gemma3_text: sliding-window layers (window 8) beside global ones, the prompt and the cache longer than the window
+@pytest.mark.parametrize("model", ["llama", "qwen2", "gemma3_text"])
 def test_kv_cache_decoding_equals_full_sequence_decoding(build, model, tiny_model):
     folder, _, _ = build(model, "fp32")
     runtime = OnnxRuntime(folder)

@@ -205,7 +205,7 @@ def write_direct(source: SourceInfo, quant: str, path: Path, split_max_size: int
     """Stream the checkpoint into a GGUF file (or shards) with the tensor types of `quant`; return (plan, vocab)."""
     config = text_config(source.config())
     arch = architecture(source.model_type, config)
-    vocab = load_vocab(source.path, config["vocab_size"])
+    vocab = load_vocab(source.path, config["vocab_size"], arch.name)
     checkpoint = Checkpoint(source.path)
     plan = plan_tensors(checkpoint, arch, config, quant)
     generated = extra_tensors(arch, config)
@@ -301,7 +301,7 @@ class GGUF(Format):
             raise FormatError(f"GGUF: the importance matrix is not carried through {source.model_type}'s tensor "
                               f"transforms ({', '.join(arch.row.gguf_transforms)}) yet")  # fmt: skip
         plan_tensors(Checkpoint(source.path), arch, config, "f16")
-        load_vocab(source.path, config["vocab_size"])
+        load_vocab(source.path, config["vocab_size"], arch.name)
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         stem = f"{ctx.name}-{self.quant.upper()}"

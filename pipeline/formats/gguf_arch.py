@@ -23,9 +23,12 @@ from functools import cached_property
 import gguf
 
 from pipeline.archs import ARCHS, COMMON_HPARAMS, Arch, arch, supported
+from pipeline.checkpoint import MXFP4_PARTS, mxfp4_packed
 from pipeline.types import FormatError
 
-SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3")
+# "proportional" (Gemma 4's global layers): the frequencies of a whole head, only the first `partial_rotary_factor` of
+# them turning; llama.cpp rotates the whole head with `rope_freqs` factors that stop the others (`extra_tensors`)
+SUPPORTED_ROPE = ("default", "linear", "yarn", "llama3", "proportional")
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some checkpoints carry; llama.cpp computes them
 
 
@@ -128,8 +131,47 @@ def _yarn_log_mul(config: dict) -> float | None:
 def _rope_dimensions(config: dict, factor: float = 1.0) -> int:
     """The rotated dimensions of a head: `partial_rotary_factor` of the rope settings or the top level (the original
     releases' configs), else `factor`, as llama.cpp's converter reads it."""
-    factor = rope(config).get("partial_rotary_factor", config.get("partial_rotary_factor", factor))
+    settings = rope(config)
+    if settings["rope_type"] == "proportional":  # the whole head turns, its last frequencies stopped (rope_freqs)
+        return head_dim(config)
+    factor = settings.get("partial_rotary_factor", config.get("partial_rotary_factor", factor))
     return int(head_dim(config) * factor)
+
+
+def _full_attention_layer(config: dict, key: str):
+    """A setting of the global (full attention) layers where Gemma 4 gives them their own: the top-level
+    `global_<key>` of the released configs, else the first full-attention layer's entry of `per_layer_config` (what
+    transformers saves), as llama.cpp's converter looks them up; None where neither has it."""
+    if config.get(f"global_{key}") is not None:
+        return config[f"global_{key}"]
+    kinds = config.get("layer_types") or []
+    for layer, settings in (config.get("per_layer_config") or {}).items():
+        if int(layer) < len(kinds) and kinds[int(layer)] == "full_attention" and key in settings:
+            return settings[key]
+    return None
+
+
+def _gemma4_head_count_kv(config: dict) -> list[int] | None:
+    """Per-layer KV heads where Gemma 4's global layers have their own count (the k-equals-v variants)."""
+    full = _full_attention_layer(config, "num_key_value_heads")
+    if full is None or config.get("num_key_value_heads") is None:
+        return None
+    return [config["num_key_value_heads"] if swa else full for swa in _sliding_layers(config)]
+
+
+def _gemma4_feed_forward_lengths(config: dict) -> list[int] | None:
+    """Gemma 4's double-wide MLP: the layers that reuse another layer's KV cache have twice the intermediate size."""
+    if not config.get("use_double_wide_mlp"):
+        return None
+    first_shared = config["num_hidden_layers"] - config.get("num_kv_shared_layers", 0)
+    size = config["intermediate_size"]
+    return [size if layer < first_shared else 2 * size for layer in range(config["num_hidden_layers"])]
+
+
+def _swa_rope_dimensions(config: dict) -> int:
+    """The rotated dimensions of a sliding layer's head (Gemma 4: all of them unless its rope settings say less)."""
+    settings = (config.get("rope_parameters") or {}).get("sliding_attention") or {}
+    return int(head_dim(config) * settings.get("partial_rotary_factor", 1.0))
 
 
 # values no single config key holds, by the name a row's `gguf_hparams` gives them
@@ -148,6 +190,12 @@ DERIVED = {
     "recurrent_layers": lambda c: [k == "linear_attention" for k in c["layer_types"]] if c.get("layer_types") else None,
     # Qwen 3.5's interleaved M-RoPE sections (text positions are equal in all of them), padded to 4 as llama.cpp reads
     "mrope_sections": lambda c: [*rope(c).get("mrope_section", [11, 11, 10]), 0, 0, 0][:4],
+    # Gemma 4: the global layers' head size (also their rotated dimensions: proportional rope turns the whole head),
+    # their KV heads, the sliding layers' rotated dimensions, the double-wide MLP
+    "global_head_dim": lambda c: _full_attention_layer(c, "head_dim"),
+    "gemma4_head_count_kv": _gemma4_head_count_kv,
+    "swa_rope_dimensions": _swa_rope_dimensions,
+    "gemma4_feed_forward_lengths": _gemma4_feed_forward_lengths,
 }
 
 
@@ -199,19 +247,29 @@ YARN_EXTRAS = {
 
 
 def extra_tensors(arch: Architecture, config: dict) -> dict:
-    """Tensors llama.cpp needs that the checkpoint does not hold: Llama 3.1's rope frequency factors."""
+    """Tensors llama.cpp needs that the checkpoint does not hold: the rope frequency factors of Llama 3.1's scaling
+    and of proportional rope."""
+    import torch
+
+    factors = {"llama3": _llama3_factors, "proportional": _proportional_factors}.get(rope(config)["rope_type"])
+    if factors is None:
+        return {}
+    name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+    return {name: torch.tensor(factors(config), dtype=torch.float32)}
+
+
+def _llama3_factors(config: dict) -> list[float]:
+    """Llama 3.1's frequency-dependent scaling, as llama.cpp applies it (freq / factor)."""
     import torch
 
     settings = rope(config)
-    if settings["rope_type"] != "llama3":
-        return {}
     dim = head_dim(config)
     freqs = 1.0 / (settings["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     factor = settings.get("factor", 8.0)
     low, high = settings.get("low_freq_factor", 1.0), settings.get("high_freq_factor", 4.0)
     old_context = settings.get("original_max_position_embeddings", 8192)
     factors = []
-    for freq in freqs.tolist():  # Llama 3.1's frequency-dependent scaling, as llama.cpp applies it (freq / factor)
+    for freq in freqs.tolist():
         wavelength = 2 * math.pi / freq
         if wavelength < old_context / high:
             factors.append(1.0)
@@ -220,7 +278,16 @@ def extra_tensors(arch: Architecture, config: dict) -> dict:
         else:
             smooth = (old_context / wavelength - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
-    return {gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight": torch.tensor(factors, dtype=torch.float32)}
+    return factors
+
+
+def _proportional_factors(config: dict) -> list[float]:
+    """Proportional rope (Gemma 4's global layers) turns the first `partial_rotary_factor` of a whole head's
+    frequencies and leaves the rest still; llama.cpp rotates the whole head (neox pairs, as transformers does) and
+    stops the rest with a factor of 1e30 each, as llama.cpp's converter writes them."""
+    dim = DERIVED["global_head_dim"](config) or head_dim(config)
+    turning = int(dim * rope(config).get("partial_rotary_factor", 1.0) / 2)
+    return [1.0] * turning + [1e30] * (dim // 2 - turning)
 
 
 def permute_qk(weights, n_head: int):
@@ -248,32 +315,36 @@ def _mla_kv_b_split(name: str, config: dict):
             (name.replace("kv_b_proj", "v_b_proj"), lambda t: per_head(t)[:, nope:])]  # fmt: skip
 
 
-def _gpt_oss_experts(name: str, config: dict):
-    """gpt-oss's fused experts (transformers: gate_up_proj [experts, hidden, 2·inter] with gate and up interleaved,
-    down_proj [experts, inter, hidden], biases beside them) as llama.cpp's separate [experts, out, in] tensors."""
+def _fused_experts(name: str, interleaved: bool):
+    """Experts stored fused as transformers keeps them (gate_up_proj [experts, hidden, 2·inter], down_proj [experts,
+    inter, hidden], biases beside them) as llama.cpp's separate [experts, out, in] tensors. gpt-oss interleaves the
+    gate and up columns, Llama 4 stores the gate half first."""
     base, _, part = name.rpartition(".")
-    if not base.endswith(".mlp.experts"):
+    if not base.endswith(".experts"):
         return None
-    if part.endswith(("_blocks", "_scales")):
-        raise FormatError(
-            f"GGUF: {name} is an MXFP4-packed expert tensor, not repacked for llama.cpp here; load the checkpoint "
-            f"dequantized (transformers' Mxfp4Config(dequantize=True)) and save it first"
-        )
-    if part == "gate_up_proj":
-        return [(f"{base}.gate_proj.weight", lambda t: t.transpose(-1, -2)[:, ::2]),
-                (f"{base}.up_proj.weight", lambda t: t.transpose(-1, -2)[:, 1::2])]  # fmt: skip
-    if part == "gate_up_proj_bias":
-        return [(f"{base}.gate_proj.bias", lambda t: t[..., ::2]), (f"{base}.up_proj.bias", lambda t: t[..., 1::2])]
-    if part == "down_proj":
-        return [(f"{base}.down_proj.weight", lambda t: t.transpose(-1, -2))]
-    if part == "down_proj_bias":
-        return [(f"{base}.down_proj.bias", lambda t: t)]
-    return None
+    if part.endswith(MXFP4_PARTS):
+        raise mxfp4_packed("GGUF", name, "not repacked for llama.cpp here")
+
+    def gate(t):
+        return t[..., ::2] if interleaved else t[..., : t.shape[-1] // 2]
+
+    def up(t):
+        return t[..., 1::2] if interleaved else t[..., t.shape[-1] // 2 :]
+
+    forms = {
+        "gate_up_proj": [(f"{base}.gate_proj.weight", lambda t: gate(t).transpose(-1, -2)),
+                         (f"{base}.up_proj.weight", lambda t: up(t).transpose(-1, -2))],
+        "gate_up_proj_bias": [(f"{base}.gate_proj.bias", gate), (f"{base}.up_proj.bias", up)],
+        "down_proj": [(f"{base}.down_proj.weight", lambda t: t.transpose(-1, -2))],
+        "down_proj_bias": [(f"{base}.down_proj.bias", lambda t: t)],
+    }  # fmt: skip
+    return forms.get(part)
 
 
-def _attention_sinks(name: str, config: dict):
-    """gpt-oss's per-head attention sinks, a parameter without a suffix, under the `.weight` name llama.cpp reads."""
-    return [(f"{name}.weight", lambda t: t)] if name.endswith(".self_attn.sinks") else None
+def _suffixless(ending: str):
+    """The transform of a parameter or buffer without a `.weight` suffix (gpt-oss's per-head attention sinks, Gemma 4's
+    per-layer output scale): the tensor as it is, under the `.weight` name llama.cpp reads."""
+    return lambda name, config: [(f"{name}.weight", lambda t: t)] if name.endswith(ending) else None
 
 
 def _tiled(t, dim: int, k_heads: int, per_k: int, size: int):
@@ -358,9 +429,12 @@ def _no_mtp(name: str, config: dict):
     return None
 
 
-TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split, "gpt_oss_experts": _gpt_oss_experts,
-              "attention_sinks": _attention_sinks, "gated_deltanet": _gated_deltanet,
-              "fused_deltanet": _fused_deltanet, "no_mtp": _no_mtp}  # fmt: skip
+TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split,
+              "gpt_oss_experts": lambda name, config: _fused_experts(name, interleaved=True),
+              "llama4_experts": lambda name, config: _fused_experts(name, interleaved=False),
+              "attention_sinks": _suffixless(".self_attn.sinks"), "gated_deltanet": _gated_deltanet,
+              "fused_deltanet": _fused_deltanet, "no_mtp": _no_mtp,
+              "layer_scalar": _suffixless(".layer_scalar")}  # fmt: skip
 
 
 def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
@@ -410,8 +484,71 @@ def _deltanet_head_dims(config: dict) -> str | None:
     return None
 
 
+def _gemma4_rope(config: dict) -> str | None:
+    """llama.cpp's gemma4 reads rope frequency factors on every global layer; llama.cpp's converter writes them for
+    unscaled proportional rope only (and refuses other global rope)."""
+    settings = (config.get("rope_parameters") or {}).get("full_attention") or {}
+    if settings.get("rope_type") != "proportional":
+        return (f"llama.cpp's converter writes Gemma 4's global layers with proportional rope only, this checkpoint "
+                f"has {settings.get('rope_type')!r}")  # fmt: skip
+    if settings.get("factor", 1.0) != 1.0:  # transformers divides the frequencies by it; no GGUF key says so here
+        return f"Gemma 4's proportional rope is written unscaled, this checkpoint scales it by {settings['factor']}"
+    return None
+
+
+def _gemma4_per_layer_vocab(config: dict) -> str | None:
+    """llama.cpp's gemma4 looks per-layer embeddings up by token over the whole vocabulary."""
+    rows = config.get("vocab_size_per_layer_input", config["vocab_size"])
+    if config.get("hidden_size_per_layer_input") and rows != config["vocab_size"]:
+        return (f"llama.cpp's gemma4 needs a per-layer embedding row for every token, this checkpoint has "
+                f"vocab_size_per_layer_input {rows} for vocab_size {config['vocab_size']}")  # fmt: skip
+    return None
+
+
+def _gemma4_dense(config: dict) -> str | None:
+    """The mixture-of-experts Gemma 4 (its router scales, per-expert scales and fused experts) is not mapped here."""
+    if config.get("enable_moe_block"):
+        return ("the mixture-of-experts Gemma 4 (enable_moe_block) is not converted yet: its router and expert scales "
+                "are not mapped")  # fmt: skip
+    return None
+
+
+def _gemma4_kv_sharing(config: dict) -> str | None:
+    """Layers that reuse another's KV cache: transformers takes the last earlier layer of the same kind, llama.cpp
+    the last unshared layer (global) or the one before it (sliding); causal attention only."""
+    if config.get("use_bidirectional_attention") == "all":
+        return "llama.cpp's gemma4 attends causally, this checkpoint bidirectionally (use_bidirectional_attention: all)"
+    shared = config.get("num_kv_shared_layers") or 0
+    if not shared:
+        return None
+    kinds = config["layer_types"][: config["num_hidden_layers"] - shared]
+    if kinds[-2:] != ["sliding_attention", "full_attention"]:
+        return (f"llama.cpp's gemma4 shares the KV cache of the last two unshared layers (sliding, then global), "
+                f"this checkpoint's are {kinds[-2:]}")  # fmt: skip
+    return None
+
+
+def _llama4_layers(config: dict) -> str | None:
+    """llama.cpp's llama4 fixes what Llama 4's config spells out per layer: chunked attention on three layers of four
+    and full attention without rope on every 4th, a sparse block every `interleave_moe_layer_step`-th layer, and q/k
+    norms unless the model has 128 experts (it tells Scout from Maverick by the expert count)."""
+    n, step = config["num_hidden_layers"], config["interleave_moe_layer_step"]
+    expected = {
+        "layer_types": ["full_attention" if (i + 1) % 4 == 0 else "chunked_attention" for i in range(n)],
+        "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(n)],
+        "moe_layers": [i for i in range(n) if step > 0 and (i + 1) % step == 0],
+        "use_qk_norm": config["num_local_experts"] != 128,
+    }
+    for key, value in expected.items():
+        if config.get(key, value) != value:
+            return f"llama.cpp's llama4 assumes {key}: {value}, this checkpoint has {config[key]}"
+    return None
+
+
 CHECKS = {"gemma3_attention_scale": _gemma3_attention_scale, "qwen35_layers": _qwen35_layers,
-          "deltanet_head_dims": _deltanet_head_dims}  # fmt: skip
+          "deltanet_head_dims": _deltanet_head_dims, "llama4_layers": _llama4_layers,
+          "gemma4_rope": _gemma4_rope, "gemma4_per_layer_vocab": _gemma4_per_layer_vocab,
+          "gemma4_dense": _gemma4_dense, "gemma4_kv_sharing": _gemma4_kv_sharing}  # fmt: skip
 
 
 def check_config(arch: Architecture, config: dict) -> None:

@@ -1,9 +1,12 @@
 """Tokenizer -> GGUF metadata: vocabulary, scores, token types, merges, special tokens, chat template, and the name
 of llama.cpp's pre-tokenizer.
 
-Two vocabulary kinds, as llama.cpp knows them:
+Three vocabulary kinds, as llama.cpp knows them:
 - `gpt2`: byte-level BPE from tokenizer.json (SmolLM2, Qwen2, Llama 3 ...);
-- `llama`: SentencePiece from tokenizer.model (Llama 2, Mistral v0.1 ...).
+- `llama`: SentencePiece from tokenizer.model (Llama 2, Mistral v0.1 ...);
+- a family's own SentencePiece-style BPE (tokenizer.json with byte fallback and no tokenizer.model) where llama.cpp
+  has a tokenizer for that family's architecture (`SPM_BPE`: Gemma 4's `gemma4`), written as llama.cpp's converter
+  writes it for that family.
 
 Merges, special-token ids and the chat template are read with gguf-py's own `SpecialVocab`. Whether BOS/EOS are
 added is not copied from flags but measured on the Hugging Face tokenizer, so llama.cpp adds exactly what
@@ -62,10 +65,18 @@ KNOWN_PRE_TOKENIZERS = {
 }
 
 
+# llama.cpp architecture -> its tokenizer for the family's SentencePiece-style BPE (tokenizer.json, byte fallback)
+SPM_BPE = {"gemma4": "gemma4"}
+# Gemma 4's chat-syntax tokens that llama.cpp's converter marks user-defined, so that llama.cpp renders them for its
+# chat parser (convert_hf_to_gguf's Gemma4Model.set_vocab)
+VISIBLE_TOKENS = {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>",
+                  '<|"|>'}  # fmt: skip
+
+
 @dataclass
 class Vocab:
-    model: str  # "gpt2" (byte-level BPE) or "llama" (SentencePiece)
-    pre: str
+    model: str  # "gpt2" (byte-level BPE), "llama" (SentencePiece) or an `SPM_BPE` tokenizer
+    pre: str | None  # None: the tokenizer implies it (llama.cpp's gemma4 sets its own)
     tokens: list[str | bytes]
     types: list[int]
     scores: list[float] | None
@@ -73,8 +84,9 @@ class Vocab:
     add_eos: bool
 
 
-def load_vocab(path: Path, vocab_size: int) -> Vocab:
-    """Read the checkpoint's tokenizer into llama.cpp's terms; raise FormatError if llama.cpp could not use it."""
+def load_vocab(path: Path, vocab_size: int, arch: str = "") -> Vocab:
+    """Read the checkpoint's tokenizer into llama.cpp's terms for llama.cpp architecture `arch`; raise FormatError if
+    llama.cpp could not use it."""
     from pipeline.source import load_tokenizer
 
     tokenizer = load_tokenizer(path)
@@ -85,6 +97,9 @@ def load_vocab(path: Path, vocab_size: int) -> Vocab:
     if not (path / "tokenizer.json").is_file():
         raise FormatError(f"{path}: no tokenizer.json or tokenizer.model; GGUF needs the tokenizer")
     model = json.loads((path / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+    if model.get("type") == "BPE" and model.get("byte_fallback") and arch in SPM_BPE:
+        tokens, scores, types = _spm_bpe_tokens(path, vocab_size)
+        return Vocab(SPM_BPE[arch], None, tokens, types, scores, True, add_eos)  # llama.cpp adds BOS for it anyway
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise FormatError(
             f"{path}: tokenizer.json model {model.get('type')!r} without tokenizer.model is not supported "
@@ -106,17 +121,20 @@ def pre_tokenizer_name(tokenizer) -> str:
 
 def add_to_writer(writer: gguf.GGUFWriter, vocab: Vocab, path: Path) -> None:
     writer.add_tokenizer_model(vocab.model)
-    writer.add_tokenizer_pre(vocab.pre)
+    if vocab.pre is not None:
+        writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     if vocab.scores is not None:
         writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.types)
-    special = gguf.SpecialVocab(path, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
+    special = gguf.SpecialVocab(path, load_merges=vocab.model != "llama", n_vocab=len(vocab.tokens))
     special.add_special_token["bos"] = vocab.add_bos
     special.add_special_token["eos"] = vocab.add_eos
     special.add_to_gguf(writer, quiet=True)
     config = _read_json(path / "tokenizer_config.json")
-    if isinstance(config.get("add_prefix_space"), bool):
+    if vocab.model in SPM_BPE.values():  # spaces are pieces of the tokens (▁), none added in front
+        writer.add_add_space_prefix(False)
+    elif isinstance(config.get("add_prefix_space"), bool):
         writer.add_add_space_prefix(config["add_prefix_space"])
 
 
@@ -151,6 +169,25 @@ def _bpe_tokens(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
             tokens.append(by_id[i])
             types.append(gguf.TokenType.NORMAL)
     return tokens, types
+
+
+def _spm_bpe_tokens(path: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
+    """A SentencePiece-style BPE tokenizer.json as llama.cpp's converter reads it (gguf-py's `LlamaHfVocab`: byte
+    tokens as <0xXX>, specials as control tokens), the chat-syntax tokens user-defined; padded to the model's
+    vocab_size with unused tokens."""
+    hf = gguf.LlamaHfVocab(path)
+    if hf.vocab_size > vocab_size:
+        raise FormatError(f"tokenizer has {hf.vocab_size} tokens but the model's vocab_size is {vocab_size}")
+    tokens, scores, types = [], [], []
+    for text, score, kind in hf.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(gguf.TokenType.USER_DEFINED if text.decode() in VISIBLE_TOKENS else kind)
+    for i in range(len(tokens), vocab_size):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    return tokens, scores, types
 
 
 def _sentencepiece_tokens(path: Path, vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:

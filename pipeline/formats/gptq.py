@@ -17,6 +17,8 @@ a mixture of experts where its experts are (`gptq_experts`): every expert is cal
 sends it (all the layer's tokens where that is fewer than `expert_floor`; the build facts' `expert_coverage` says
 per layer), solved on its own and written per expert under the checkpoint's own names (`mlp.experts.3.gate_proj`,
 Mixtral's `block_sparse_moe.experts.3.w1`), as vLLM's and GPTQModel's MoE loaders read them; routers stay float16.
+Checkpoints that keep their experts fused (gpt-oss, Llama 4: `Experts.fused`) are written per expert as GPTQModel
+writes them after defuser's split (`Experts.unfused`), with the experts' biases in float16.
 The quantizer itself lives in `pipeline.quantizers` (`gptq` the solver, `layers` the calibration stream).
 
 Validation does not judge with our own unpacking code: it loads the artifact the way serving stacks do, with
@@ -43,8 +45,8 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from pipeline import handoff
-from pipeline.archs import arch
-from pipeline.checkpoint import ShardWriter
+from pipeline.archs import SWIGLU, arch
+from pipeline.checkpoint import MXFP4_PARTS, ShardWriter, mxfp4_packed
 from pipeline.corpus import calibration_samples, load_text, samples_digest
 from pipeline.formats.base import BuildContext, Format, ServedByVllm, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
@@ -139,6 +141,7 @@ class GPTQ(ServedByVllm, Format):
         if self.options.group_size != -1:
             linears = gptq_linears(row, self.options.shared_experts)
             check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n, linears))
+            check_fused_group_size(source, self.options.group_size, row.gptq_experts)
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         calibration, spec = ctx.calibration, self.spec
@@ -323,7 +326,7 @@ def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir:
             log_coverage(entry["coverage"], stream.n_layers)
         torch.set_num_threads(forward_threads)
         for name, tensor in originals.items():
-            if name.rsplit(".", 1)[0] not in errors and not (row.gptq_experts and row.gptq_experts.matches(f".{name}")):
+            if name.rsplit(".", 1)[0] not in errors and not (row.gptq_experts and row.gptq_experts.owns(f".{name}")):
                 written.add(f"{prefix}{name}", tensor.to(torch.float16))  # norms, routers: what stays in float
         floats = sorted(n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and n not in errors)
         if floats:  # linears GPTQ leaves in float (a DeltaNet's decay and beta projections, a shared expert's gate)
@@ -400,20 +403,32 @@ def quantize_experts(hessians, experts, originals: dict, spec, dtype, writer, pr
 
     from pipeline.quantizers.gptq import gptq, split_rows
 
-    fused, means = hessians.module, {"gptq": [], "rtn": []}
+    means = {"gptq": [], "rtn": []}
     for expert in range(len(hessians.tokens)):
-        gate, up, down = (originals[f"{experts.name(expert, p)}.weight"] for p in ("gate_proj", "up_proj", "down_proj"))
+        linears = experts.unfused(originals, expert)
+        (gate, gate_bias), (up, up_bias), (down, down_bias) = (linears[p] for p in SWIGLU)
         gate_q, up_q = split_rows(gptq(torch.cat([gate, up]), hessians.gate_up[expert], spec), [len(gate), len(up)])
         down_q = gptq(down, hessians.down[expert], spec)
-        found = [write_linear(writer, f"{prefix}{experts.name(expert, part)}", weight, q, hessian, spec, dtype)
-                 for part, weight, q, hessian in (("gate_proj", gate, gate_q, hessians.gate_up[expert]),
-                                                  ("up_proj", up, up_q, hessians.gate_up[expert]),
-                                                  ("down_proj", down, down_q, hessians.down[expert]))]  # fmt: skip
+        found, gate_up_h, down_h = [], hessians.gate_up[expert], hessians.down[expert]
+        for part, weight, bias, q, hessian in (("gate_proj", gate, gate_bias, gate_q, gate_up_h),
+                                               ("up_proj", up, up_bias, up_q, gate_up_h),
+                                               ("down_proj", down, down_bias, down_q, down_h)):  # fmt: skip
+            name = f"{prefix}{experts.name(expert, part)}"
+            found.append(write_linear(writer, name, weight, q, hessian, spec, dtype))
+            if bias is not None:
+                writer.add(f"{name}.bias", bias.to(torch.float16))
         for kind in means:
             means[kind].append(round(float(np.mean([f[kind] for f in found])), 6))
-        fused.gate_up_proj.data[expert] = torch.cat([gate_q.dequantized, up_q.dequantized]).to(dtype)
-        fused.down_proj.data[expert] = down_q.dequantized.to(dtype)
+        put_back(hessians, expert, torch.cat([gate_q.dequantized, up_q.dequantized]), down_q.dequantized, dtype)
     return means
+
+
+def put_back(hessians, expert: int, gate_up, down, dtype) -> None:
+    """One expert's dequantized weights ([out, in], gate_proj's rows then up_proj's) back into transformers' fused
+    experts module, in its layout ([experts, in, out] where it is transposed), for the next layer's inputs."""
+    module, flip = hessians.module, hessians.transposed
+    module.gate_up_proj.data[expert] = (gate_up.T if flip else gate_up).to(dtype)
+    module.down_proj.data[expert] = (down.T if flip else down).to(dtype)
 
 
 def write_linear(writer, name: str, weight, quantized, hessian, spec, dtype) -> dict[str, float]:
@@ -453,7 +468,9 @@ def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
 
     names = Checkpoint(source.path).names()
     stray = next((n for n in names if n.startswith("model.layers.") and ".experts." in n
-                  and not (experts and experts.matches(n))), None)  # fmt: skip
+                  and not (experts and experts.owns(n))), None)  # fmt: skip
+    if stray and stray.endswith(MXFP4_PARTS):
+        raise mxfp4_packed("GPTQ", stray, "which the quantizer does not unpack")
     if stray:
         raise FormatError(f"GPTQ: the checkpoint holds experts ({stray}) where the {source.model_type} row of the "
                           f"architecture table does not place them (a mixture-of-experts variant, or experts stored "
@@ -467,6 +484,22 @@ def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
         raise FormatError(f"GPTQ: no per-expert tensors ({experts.name(0, 'gate_proj')}.weight ...) in the checkpoint "
                           f"(experts stored fused?); the quantizer reads experts one tensor per expert and part, as "
                           f"the original checkpoints and transformers' save_pretrained store them")  # fmt: skip
+
+
+def check_fused_group_size(source: SourceInfo, group_size: int, experts) -> None:
+    """check_group_size for experts stored fused ([experts, in, out], 3-D, which it does not read): each expert
+    linear's input size must be a multiple of the group size (gpt-oss-20b's 2880 is not of 128)."""
+    from pipeline.checkpoint import Checkpoint
+
+    if not (experts and experts.fused):
+        return
+    checkpoint = Checkpoint(source.path)
+    for name in (n for n in checkpoint.names() if experts.matches(n)):
+        width = checkpoint.shape(name)[-2]
+        if width % group_size:
+            fits = [g for g in (32, 64, 128, 256) if width % g == 0]
+            raise FormatError(f"group size {group_size} does not divide the input size {width} of the experts in "
+                              f"{name}; group sizes that fit: {', '.join(map(str, fits)) or 'none'}")  # fmt: skip
 
 
 def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:
@@ -483,6 +516,7 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from pipeline.quantizers.gptq import QuantSpec, rtn
+    from pipeline.quantizers.layers import transposed
     from pipeline.runtimes.transformers import TorchRuntime
     from pipeline.validate import compare
 
@@ -497,9 +531,12 @@ def rtn_quality(reference, quantization: dict) -> dict[str, Any]:
             if isinstance(module, torch.nn.Linear) and quantized_weight(row, f"{name}.weight", linears):
                 module.weight.data = rtn(module.weight.data, spec).dequantized
             elif experts and name.endswith(f".{experts.module}.experts"):  # fused: rows stay rows, one slice per expert
+                flip = transposed(module, experts)  # [experts, in, out]: a linear's rows are the slice's columns
                 for fused in (module.gate_up_proj, module.down_proj):
                     for expert in range(len(fused)):
-                        fused.data[expert] = rtn(fused.data[expert], spec).dequantized
+                        weight = fused.data[expert].T if flip else fused.data[expert]
+                        weight = rtn(weight, spec).dequantized
+                        fused.data[expert] = weight.T if flip else weight
     return compare(reference, TorchRuntime(model, {"runtime": "transformers (round-to-nearest)"}))
 
 

@@ -106,7 +106,7 @@ class MLX(Format):
             raise FormatError(f"MLX: the installed mlx-lm {package_version('mlx-lm')} has no module for "
                               f"{module!r}: upgrade mlx-lm")  # fmt: skip
         if self.quant not in FLOATS:
-            check_group_size(source, self.options.group_size)
+            check_group_size(source, self.options.group_size, language_model_weight)
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         from mlx_lm import convert
@@ -186,6 +186,15 @@ def loaded_as(module: str) -> str:
     from mlx_lm.utils import MODEL_REMAPPING
 
     return MODEL_REMAPPING.get(module, module)
+
+
+# where multimodal checkpoints keep their vision tower, which mlx-lm's text modules drop (their `sanitize`)
+VISION_TOWERS = ("model.visual.", "vision_tower.", "model.vision_tower.")
+
+
+def language_model_weight(name: str) -> bool:
+    """Whether a checkpoint tensor is a weight of the language model that mlx-lm quantizes (not the vision tower)."""
+    return name.endswith(".weight") and not name.startswith(VISION_TOWERS)
 
 
 def mlx_view(source: Path, shadow: Path, model_type: str) -> Path:

@@ -5,7 +5,8 @@ Why our own wrapper rather than a library: optimum-onnx, the usual tool, pins tr
 one environment with the transformers 5 every other format here needs; onnxruntime-genai's builder emits ORT-only
 contrib ops (GroupQueryAttention, MatMulNBits), not the standard graph a plain TensorRT build takes. The wrapper is
 small: it turns flat past key/value tensors into transformers' `DynamicCache`, runs the model, and flattens the
-updated cache back out.
+updated cache back out. Every layer keeps the whole past, sliding-window layers too (their masks apply the window),
+so that every past/present tensor has the lengths the interface below names.
 
 Graph interface (dynamic axes named as below):
     inputs   input_ids [batch, sequence_length] int64, attention_mask [batch, total_sequence_length] int64,
@@ -48,7 +49,10 @@ def export(source_dir: Path, out: Path, trust_remote_code: bool = False, precisi
             self.model = model
 
         def forward(self, input_ids, attention_mask, position_ids, *past):
-            cache = DynamicCache(config=config)
+            # full layers for every layer kind: a sliding-window layer of `DynamicCache(config=...)` keeps only its
+            # window, and the graph's past/present would then differ in length by layer (onnxruntime fails on the
+            # mask's gather once the past outgrows the window); the masks apply the window over the full cache
+            cache = DynamicCache()
             for i in range(n_layers):
                 cache.update(past[2 * i], past[2 * i + 1], i)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,

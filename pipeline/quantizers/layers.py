@@ -19,9 +19,11 @@ Hessians are accumulated in float32, and the solver works on the checkpoint's we
 Mixtures of experts (an architecture row with `gptq_experts`): the router sends each token to a few experts, so each
 expert is calibrated on the tokens routed to it. A pre-hook on transformers' fused experts module sees the tokens and
 the router's top-k choice; per expert, gate/up's Hessian comes from its tokens and down's from act(gate(x))·up(x) of
-those tokens. An expert that saw fewer than `expert_floor` tokens (few tokens make a Hessian of low rank, which GPTQ
-fits to those tokens at the expense of every other input; none make no Hessian at all) is calibrated on every token
-of the layer instead ("topped up"), and the coverage record says which.
+those tokens, through the module's own activation (gpt-oss's clamped SwiGLU with biases). Llama 4 passes no choice:
+its experts get expert-major blocks of every token, scaled by the router's sigmoid score (0 where not chosen), and
+an expert's tokens are its block's non-zero rows, as scaled. An expert that saw fewer than `expert_floor` tokens (few
+tokens make a Hessian of low rank, which GPTQ fits to those tokens at the expense of every other input; none make no
+Hessian at all) is calibrated on every token of the layer instead ("topped up"), and the coverage record says which.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def fuse_experts(state: dict[str, torch.Tensor], experts: Experts) -> dict[str, 
     stacked into `experts.gate_up_proj` (gate rows first), the downs into `experts.down_proj`, and the checkpoint's
     block renamed to transformers' (Mixtral's `block_sparse_moe.gate` is `mlp.gate`). transformers does the same at
     `from_pretrained`; the layer stream and the dequantizing runtime build modules from tensors themselves."""
+    if experts.fused:
+        return fuse_transposed(state, experts)
     parts = {name: part for part, name in experts.parts.items()}
     pattern = re.compile(rf"^((?:.*\.)?){re.escape(experts.block)}\.experts\.(\d+)\.([^.]+)\.weight$")
     block = re.compile(rf"^((?:.*?\.)?){re.escape(experts.block)}\.")
@@ -91,13 +95,46 @@ def fuse_experts(state: dict[str, torch.Tensor], experts: Experts) -> dict[str, 
     return out
 
 
+def transposed(module: torch.nn.Module, experts: Experts) -> bool:
+    """Whether transformers' fused experts module holds its weights [experts, in, out], not [experts, out, in]: where
+    the checkpoint keeps them fused (the module loads them as they are; Llama 4's module, which transformers'
+    `use_experts_implementation` decorator does not mark, has no other sign of it), or where the decorator says so."""
+    return experts.fused or bool(getattr(module, "is_transposed", False))
+
+
+def fuse_transposed(state: dict[str, torch.Tensor], experts: Experts) -> dict[str, torch.Tensor]:
+    """fuse_experts for a row whose checkpoint keeps the fused tensors (`Experts.fused`): the per-expert linears and
+    biases back into gate_up_proj [experts, in, 2·inter] (gate_proj's rows, then up_proj's: the inverse of
+    `Experts.unfused`), down_proj [experts, inter, out] and their `_bias`."""
+    pattern = re.compile(rf"^((?:.*\.)?{re.escape(experts.block)}\.experts\.)(\d+)\.(\w+)\.(weight|bias)$")
+    out: dict[str, torch.Tensor] = {}
+    found: dict[str, dict[tuple[str, str], dict[int, torch.Tensor]]] = {}
+    for name, tensor in state.items():
+        match = pattern.match(name)
+        if match:
+            found.setdefault(match[1], {}).setdefault((match[3], match[4]), {})[int(match[2])] = tensor
+        else:
+            out[name] = tensor
+    for fused, parts in found.items():
+        by = {key: [tensors[e] for e in sorted(tensors)] for key, tensors in parts.items()}
+        gate, up, down = (by[(p, "weight")] for p in ("gate_proj", "up_proj", "down_proj"))
+        out[f"{fused}gate_up_proj"] = torch.stack([torch.cat([g, u]).T for g, u in zip(gate, up)])
+        out[f"{fused}down_proj"] = torch.stack([d.T for d in down])
+        if ("gate_proj", "bias") in by:
+            pairs = zip(by[("gate_proj", "bias")], by[("up_proj", "bias")])
+            out[f"{fused}gate_up_proj_bias"] = torch.stack([torch.cat(pair) for pair in pairs])
+            out[f"{fused}down_proj_bias"] = torch.stack(by[("down_proj", "bias")])
+    return out
+
+
 class ExpertHessians:
     """Per-expert input Hessians of one MoE layer, accumulated over the calibration batches from what the router
     sent each expert (`add`, called by a pre-hook on transformers' fused experts module), then normalised, with the
     experts below `floor` tokens recalibrated on every token of the layer (`finish`)."""
 
-    def __init__(self, module: torch.nn.Module, floor: int):
+    def __init__(self, module: torch.nn.Module, floor: int, experts: Experts):
         self.module, self.floor = module, floor
+        self.transposed = transposed(module, experts)
         n = module.gate_up_proj.shape[0]
         self.gate_up: list = [0] * n  # H of gate/up's input (they share it: one solve for both)
         self.down: list = [0] * n  # H of down's input
@@ -105,18 +142,34 @@ class ExpertHessians:
         self.inputs: list[torch.Tensor] = []  # every token's input to the experts: what a top-up calibrates on
         self.topped_up: list[int] = []
 
-    def add(self, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
-        self.inputs.append(hidden)
-        for expert in range(len(self.tokens)):
-            x = hidden[(top_k_index == expert).any(dim=-1)]
+    def add(self, hidden: torch.Tensor, top_k_index: torch.Tensor | None) -> None:
+        """One batch: the experts' input and the router's choice; without a choice (Llama 4), `hidden` is already the
+        experts' inputs one block per expert, each token scaled by its router score (0 where not chosen)."""
+        if top_k_index is None:
+            per_expert = hidden.view(len(self.tokens), -1, hidden.shape[-1])
+            chosen = [x[x.abs().amax(dim=-1) > 0] for x in per_expert]
+            self.inputs.append(per_expert.sum(dim=0))  # each token as its own expert received it
+        else:
+            chosen = [hidden[(top_k_index == expert).any(dim=-1)] for expert in range(len(self.tokens))]
+            self.inputs.append(hidden)
+        for expert, x in enumerate(chosen):
             if x.shape[0]:
                 self.gate_up[expert] = self.gate_up[expert] + gram(x)
                 self.down[expert] = self.down[expert] + gram(self.intermediate(x, expert))
                 self.tokens[expert] += x.shape[0]
 
     def intermediate(self, x: torch.Tensor, expert: int) -> torch.Tensor:
-        """act(gate(x))·up(x): down's input, as transformers' experts compute it (gate rows first in gate_up_proj)."""
-        gate, up = (x @ self.module.gate_up_proj[expert].T).chunk(2, dim=-1)
+        """down's input, as transformers' experts compute it: gate_up_proj (stored [in, out] where the module is
+        transposed, as gpt-oss's), its bias, then the module's own activation (`_apply_gate`: gpt-oss's clamped,
+        interleaved SwiGLU), else act(gate)·up with gate rows first."""
+        weight = self.module.gate_up_proj[expert]
+        gate_up = x @ (weight if self.transposed else weight.T)
+        bias = getattr(self.module, "gate_up_proj_bias", None)
+        if bias is not None:
+            gate_up = gate_up + bias[expert]
+        if hasattr(self.module, "_apply_gate"):
+            return self.module._apply_gate(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.module.act_fn(gate) * up
 
     def finish(self) -> ExpertHessians:
@@ -256,7 +309,8 @@ class LayerStream:
         init_buffers(self.model, layer)
         state = {n[len(prefix) :]: self.checkpoint.tensor(n).float() for n in self.checkpoint.names()
                  if n.startswith(prefix)}  # fmt: skip
-        layer.load_state_dict(fuse_experts(state, self.experts) if self.experts else state, strict=True)
+        per_expert = self.experts and not self.experts.fused  # a fused checkpoint holds the module's own tensors
+        layer.load_state_dict(fuse_experts(state, self.experts) if per_expert else state, strict=True)
         return layer.to(self.dtype).eval(), state
 
     def forward(self, layer: torch.nn.Module, hidden: torch.Tensor, positions=None, cache=None) -> torch.Tensor:
@@ -300,7 +354,7 @@ class LayerStream:
         and for a mixture of experts, the experts' Hessians (ExpertHessians, else None)."""
         layer, state = self.load(index)
         fused = self.experts_module(layer)
-        experts = ExpertHessians(fused, self.expert_floor) if fused is not None else None
+        experts = ExpertHessians(fused, self.expert_floor, self.experts) if fused is not None else None
         linears = dict(self.linears(layer))
         inputs: dict[str, torch.Tensor] = {}
         sums: dict[tuple[str, ...], torch.Tensor] = {}
@@ -313,8 +367,8 @@ class LayerStream:
             return record
 
         def routed(module, args, kwargs):  # transformers' experts: (hidden_states, top_k_index, top_k_weights)
-            hidden = args[0] if args else kwargs["hidden_states"]
-            experts.add(hidden, args[1] if len(args) > 1 else kwargs["top_k_index"])
+            hidden = args[0] if args else kwargs["hidden_states"]  # Llama 4's: (hidden_states) only, routed already
+            experts.add(hidden, args[1] if len(args) > 1 else kwargs.get("top_k_index"))
 
         handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
         if experts is not None:
