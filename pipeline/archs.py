@@ -227,15 +227,9 @@ QWEN35_MOE_TEXT = Arch(
     }
 )
 
-# what the released (multimodal) Qwen 3.5 checkpoints change in their text rows: GGUF leaves the vision tower out; the
-# GPTQ layer walker reads text-only checkpoints
-MULTIMODAL = {
-    "gguf_skip": ("model.visual.",),
-    "gptq_linears": (),
-    "gptq_experts": None,
-    "gptq_refused": "the language model sits inside a multimodal checkpoint (model.language_model.*); the layer walker "
-    "reads text-only checkpoints",
-}
+# what the released (multimodal) Qwen 3.5 checkpoints change in their text rows: GGUF leaves the vision tower out
+# (GPTQ walks the language model, `model.language_model.*`, and keeps the vision tower in float16)
+MULTIMODAL = {"gguf_skip": ("model.visual.",)}
 
 ARCHS: dict[str, Arch] = {
     "llama": LLAMA,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from pipeline.types import FormatError
@@ -32,6 +33,17 @@ def mxfp4_packed(fmt: str, name: str, why: str) -> FormatError:
     """The refusal of an MXFP4-packed expert tensor, saying how to get the float checkpoint the formats read."""
     return FormatError(f"{fmt}: {name} is an MXFP4-packed expert tensor, {why}; load the checkpoint dequantized "
                        f"(transformers' Mxfp4Config(dequantize=True)) and save it first")  # fmt: skip
+
+
+# a decoder layer's tensors: `model.layers.N.` in a text model, `model.language_model.layers.N.` in a multimodal one
+LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")
+
+
+def decoder_prefix(names) -> str:
+    """Where checkpoint tensor `names` keep the text decoder (embed_tokens, layers, norm): `model.`, or
+    `model.language_model.` in a multimodal checkpoint (Qwen 3.5 as released, Gemma 3), beside its vision tower."""
+    multimodal = any(name.startswith("model.language_model.layers.") for name in names)
+    return "model.language_model." if multimodal else "model."
 
 
 MAX_HEADER = 100 * 2**20  # the safetensors reference implementation refuses headers above 100 MB

@@ -63,7 +63,7 @@ def compute(source: SourceInfo, validation: Validation, dtype: str, held_out: st
     import torch
     import transformers
 
-    from pipeline.quantizers.layers import EMBED, LayerStream
+    from pipeline.quantizers.layers import LayerStream
 
     tokenizer = load_tokenizer(source.path, source.trust_remote_code)
     chunks = eval_chunks(tokenizer, held_out, validation.eval_tokens, validation.context)
@@ -75,7 +75,7 @@ def compute(source: SourceInfo, validation: Validation, dtype: str, held_out: st
                          device=device)  # fmt: skip
     check_window(stream.config, max(len(chunks[0]), *(len(p) + validation.max_new_tokens for p in prompts)))
     generation = generation_config(source, stream.config)
-    decoder = Greedy(stream, stream.checkpoint.tensor(EMBED), prompts, generation, validation.max_new_tokens)
+    decoder = Greedy(stream, stream.embeddings(), prompts, generation, validation.max_new_tokens)
     with torch.inference_mode():
         scores = first_walk(stream, decoder, chunks)
         while decoder.active:

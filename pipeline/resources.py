@@ -13,16 +13,15 @@ that knows better sets `check_resources: false`.
 
 from __future__ import annotations
 
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.checkpoint import LAYER
 from pipeline.types import Step
 
 GB = 1_000_000_000
 PROCESS = int(1.5 * GB)  # Python, torch, transformers and a runtime's libraries, resident before any weight
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)

@@ -116,17 +116,23 @@ def correlation(ours, theirs) -> float:
 def check_gptq_layers(model: str, facts: dict, folder) -> None:
     """Every layer's linears that the row lists and the layer has are packed (none left in float by mistake), GPTQ
     beat round-to-nearest on each, and a mixture of experts' experts are all there."""
+    import torch
     from safetensors.torch import load_file
 
+    from pipeline.checkpoint import decoder_prefix
+
     found, row = load_file(folder / "model.safetensors"), arch(model)
+    decoder = decoder_prefix(found)  # a multimodal checkpoint's language model: model.language_model.*
     for layer in facts["layers"]:
         assert layer["errors"] and all(e["gptq"] < e["rtn"] for e in layer["errors"].values()), layer
         assert set(layer["errors"]) <= set(row.gptq_linears)
         for name in layer["errors"]:
-            assert f"model.layers.{layer['layer']}.{name}.qweight" in found
-            assert f"model.layers.{layer['layer']}.{name}.weight" not in found
+            assert f"{decoder}layers.{layer['layer']}.{name}.qweight" in found
+            assert f"{decoder}layers.{layer['layer']}.{name}.weight" not in found
         if "expert_errors" in layer:
             assert len(layer["expert_errors"]["gptq"]) == 4  # the tiny checkpoints' experts (tests/conftest.py)
+    vision = [n for n in found if n.startswith("model.visual.")]  # kept whole, in float16
+    assert all(found[n].dtype == torch.float16 for n in vision) and (decoder == "model.") == (not vision)
     if row.gptq_experts:
         assert facts["expert_coverage"] and any(
             n.endswith(f".{row.gptq_experts.name(3, 'down_proj')}.qweight") for n in found

@@ -110,3 +110,30 @@ def test_shared_experts_stay_in_float_unless_the_recipe_asks(tmp_path, tiny_mode
     assert "model.layers.0.mlp.shared_expert_gate.weight" in found
     listed = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["modules_in_block_to_quantize"]
     assert ("mlp.shared_expert.down_proj" in listed[0]) == shared
+
+
+def test_a_multimodal_checkpoint_keeps_its_vision_tower_and_loads_whole(tmp_path, tiny_model):
+    """Qwen 3.5 as released: GPTQ quantizes the language model (`model.language_model.*`) and keeps the vision tower
+    in float16; the artifact loads whole in transformers' image-text model with GPTQModel's kernels in the language
+    model's linears only, and its text logits are those of the text-only load that validation uses."""
+    pytest.importorskip("gptqmodel")
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, GPTQConfig
+
+    _, _, facts = build_artifact(tiny_model("qwen3_5"), ("gptq", "int4", {"group_size": 32}), tmp_path,
+                                 calibration=CALIBRATION)  # fmt: skip
+    found = load_file(tmp_path / "model.safetensors")
+    assert "model.language_model.layers.3.self_attn.q_proj.qweight" in found
+    vision = [n for n in found if n.startswith("model.visual.")]
+    assert vision and all(found[n].dtype == torch.float16 for n in vision)
+    ids = torch.tensor([list(range(5, 37))])
+    loaded = {}
+    for name, auto in (("text", AutoModelForCausalLM), ("whole", AutoModelForImageTextToText)):
+        model = auto.from_pretrained(tmp_path, quantization_config=GPTQConfig(bits=4, backend="torch"),
+                                     device_map="cpu", dtype=torch.float32).eval()  # fmt: skip
+        packed = sorted(n for n, m in model.named_modules() if hasattr(m, "qweight"))
+        with torch.inference_mode():
+            loaded[name] = packed, model(input_ids=ids).logits
+    packed = loaded["whole"][0]
+    assert packed and not any("visual" in n for n in packed), packed[:3]
+    assert len(packed) == len(loaded["text"][0])
+    assert torch.allclose(loaded["whole"][1], loaded["text"][1], atol=1e-4)

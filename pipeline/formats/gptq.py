@@ -46,7 +46,7 @@ from pydantic import Field, field_validator
 
 from pipeline import handoff
 from pipeline.archs import SWIGLU, arch
-from pipeline.checkpoint import MXFP4_PARTS, ShardWriter, mxfp4_packed
+from pipeline.checkpoint import LAYER, MXFP4_PARTS, ShardWriter, mxfp4_packed
 from pipeline.corpus import calibration_samples, load_text, samples_digest
 from pipeline.formats.base import BuildContext, Format, ServedByVllm, check_group_size, parse_size, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
@@ -57,7 +57,8 @@ from pipeline.types import Calibration, FormatError, Manifest, Serving, SourceIn
 # vLLM 0.32's GPTQ loader (`--quantization gptq`, measured: ../shared/FINDINGS.md): what it takes of each config key
 VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
 VLLM = "vLLM 0.32's GPTQ loader rules"
-LAYER_TENSOR = re.compile(r"^model\.layers\.\d+\.(.+)\.weight$")  # a decoder layer tensor: its module's name
+# a decoder layer tensor (a multimodal checkpoint's under model.language_model.): its module's name
+LAYER_TENSOR = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.(.+)\.weight$")
 SHARED_EXPERT = re.compile(r"(^|\.)shared_experts?\.")  # Qwen's `mlp.shared_expert.`, DeepSeek's `mlp.shared_experts.`
 RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
@@ -315,7 +316,7 @@ def write_quantized(source: SourceInfo, spec, samples: list[list[int]], out_dir:
     for index in range(first, stream.n_layers):
         layer_start = time.perf_counter()
         layer, originals, groups, experts = stream.collect(index)
-        prefix, written = f"model.layers.{index}.", Written()
+        prefix, written = f"{stream.decoder}layers.{index}.", Written()
         torch.set_num_threads(threads)
         errors = quantize_linears(groups, originals, spec, stream.dtype, written, prefix)
         entry = {"layer": index, "errors": errors}
@@ -467,7 +468,7 @@ def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
     from pipeline.checkpoint import Checkpoint
 
     names = Checkpoint(source.path).names()
-    stray = next((n for n in names if n.startswith("model.layers.") and ".experts." in n
+    stray = next((n for n in names if LAYER.match(n) and ".experts." in n
                   and not (experts and experts.owns(n))), None)  # fmt: skip
     if stray and stray.endswith(MXFP4_PARTS):
         raise mxfp4_packed("GPTQ", stray, "which the quantizer does not unpack")

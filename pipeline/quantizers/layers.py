@@ -34,10 +34,8 @@ import statistics
 import torch
 
 from pipeline.archs import Experts
-from pipeline.checkpoint import Checkpoint
+from pipeline.checkpoint import LAYER, Checkpoint, decoder_prefix
 
-LAYER = re.compile(r"^model\.layers\.(\d+)\.")
-EMBED = "model.embed_tokens.weight"
 BATCH = 8  # samples per forward pass
 
 
@@ -233,7 +231,13 @@ class LayerStream:
         self.device = torch.device(device)
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        self.checkpoint = Checkpoint(source.path)
+        # a multimodal checkpoint's language model is walked as the text-only model of its text config, whose
+        # `model.*` modules the checkpoint keeps under `model.language_model.*`
+        self.decoder = decoder_prefix(self.checkpoint.names())
         self.config = AutoConfig.from_pretrained(source.path, trust_remote_code=source.trust_remote_code)
+        if self.decoder != "model.":
+            self.config = self.config.get_text_config()
         with torch.device("meta"):
             try:
                 self.model = AutoModelForCausalLM.from_config(
@@ -243,14 +247,13 @@ class LayerStream:
                 self.model = AutoModelForCausalLM.from_config(
                     self.config, attn_implementation="eager", trust_remote_code=source.trust_remote_code
                 )
-        self.checkpoint = Checkpoint(source.path)
         self.n_layers = self.config.num_hidden_layers
         self.calls: list | None = None  # per batch, per layer: (args, kwargs) besides the hidden states
         if capture:
             self.hidden, self.calls = self.capture(samples)
             return
         self.rotary = type(self.model.model.rotary_emb)(config=self.config).to(self.device)
-        table = self.checkpoint.tensor(EMBED)
+        table = self.embeddings()
         self.hidden = [self.embed(table, samples[i : i + BATCH]) for i in range(0, len(samples), BATCH)]
         self.position_ids, self.rope = self.positions(0, len(samples[0]))
 
@@ -260,7 +263,7 @@ class LayerStream:
         base = self.model.model
         for name, child in base.named_children():
             if name != "layers":
-                self.materialise(child, f"model.{name}.")
+                self.materialise(child, f"{self.decoder}{name}.")
         real, calls, hidden, arguments = base.layers, [], [], []
         base.layers = torch.nn.ModuleList(Recorder(calls) for _ in real)
         try:
@@ -286,6 +289,10 @@ class LayerStream:
         for param in module.parameters():
             param.data = param.data.to(self.dtype)
 
+    def embeddings(self) -> torch.Tensor:
+        """The checkpoint's input embedding table, as stored."""
+        return self.checkpoint.tensor(f"{self.decoder}embed_tokens.weight")
+
     def embed(self, table: torch.Tensor, ids: list[list[int]]) -> torch.Tensor:
         """The input embeddings of `ids` (equal lengths) in the compute dtype, from the checkpoint's `table`."""
         return table[torch.tensor(ids)].float().to(self.device, self.dtype)
@@ -297,14 +304,14 @@ class LayerStream:
         return ids, tuple(r.to(self.dtype) for r in self.rotary(probe, ids))
 
     def other_tensors(self):
-        """The checkpoint's tensors outside the decoder layers (embeddings, final norm, lm_head)."""
+        """The checkpoint's tensors outside the decoder layers (embeddings, final norm, lm_head, a vision tower)."""
         for name in self.checkpoint.names():
             if not LAYER.match(name):
                 yield name, self.checkpoint.tensor(name)
 
     def load(self, index: int) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
         """Layer `index` in the compute dtype, and its parameters in float32 as the checkpoint holds them."""
-        prefix = f"model.layers.{index}."
+        prefix = f"{self.decoder}layers.{index}."
         layer = self.model.model.layers[index].to_empty(device=self.device)
         init_buffers(self.model, layer)
         state = {n[len(prefix) :]: self.checkpoint.tensor(n).float() for n in self.checkpoint.names()
@@ -334,9 +341,9 @@ class LayerStream:
         """The final norm and the output projection's weight (the input embeddings when tied), in the compute
         dtype: what turns the last layer's outputs into logits."""
         norm = self.model.model.norm
-        self.materialise(norm, "model.norm.")
+        self.materialise(norm, f"{self.decoder}norm.")
         tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in self.checkpoint.names()
-        weight = self.checkpoint.tensor(EMBED if tied else "lm_head.weight").float()
+        weight = (self.embeddings() if tied else self.checkpoint.tensor("lm_head.weight")).float()
         return norm.eval(), weight.to(self.device, self.dtype)
 
     def linears(self, layer: torch.nn.Module) -> list[tuple[str, torch.nn.Linear]]:
