@@ -428,11 +428,12 @@ ARCHS: dict[str, Arch] = {
             "add_sliding_window_pattern": ("sliding_layers",),
             "add_shared_kv_layers": ("num_kv_shared_layers", 0),
             "add_embedding_length_per_layer_input": ("hidden_size_per_layer_input", 0),
+            "add_expert_feed_forward_length": ("moe_intermediate_size",),  # the MoE variant's
         },
         gguf_skip=("lm_head.weight",),  # tied; llama.cpp uses the embeddings
         gguf_requires={"hidden_activation": "gelu_pytorch_tanh", "attention_bias": False},
-        gguf_checks=("gemma4_dense", "gemma4_rope", "gemma4_per_layer_vocab", "gemma4_kv_sharing"),
-        gguf_transforms=("layer_scalar",),
+        gguf_checks=("gemma4_rope", "gemma4_per_layer_vocab", "gemma4_kv_sharing"),
+        gguf_transforms=("layer_scalar", "gemma4_moe"),
         gptq_linears=DENSE_LINEARS,  # the per-layer input gate and projection stay in float; MoE variants refused
         features=("per-layer embeddings",),
     ),

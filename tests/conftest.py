@@ -321,9 +321,10 @@ def make_tiny_model(folder: Path, model_type: str, tokenizer_dir: Path, seed: in
     config = AutoConfig.for_model(model_type, **settings)
     torch.manual_seed(seed)
     model = model_class.from_config(config, dtype=torch.float32)
-    with torch.no_grad():  # transformers initialises norms to 1 and biases to 0: make them count in the tests
+    with torch.no_grad():  # transformers initialises norms and scales to 1, biases to 0: make them count in the tests
         for name, param in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):  # also DeepSeek's e_score_correction_bias, gpt-oss's *_bias
+            # also DeepSeek's e_score_correction_bias, gpt-oss's *_bias, Gemma 4's router scale and per-expert scale
+            if "norm" in name or name.endswith(("bias", "scale")):
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     for name in TOKENIZER_FILES + ("tokenizer.model",):
@@ -361,6 +362,8 @@ TINY_MODELS = {
     "qwen3_next-gguf": ("qwen3_next", {"seed": 14}, GGUF_CONFIGS),
     "qwen3_5": ("qwen3_5", {}, GGUF_CONFIGS),
     "qwen3_5_moe": ("qwen3_5_moe", {}, GGUF_CONFIGS),
+    "gemma4_text-moe-gguf": ("gemma4_text", {"enable_moe_block": True, "num_experts": 4, "top_k_experts": 2,
+                                             "moe_intermediate_size": 256}, GGUF_CONFIGS),
     "llama3-rope": ("llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                   "original_max_position_embeddings": 64}}),

@@ -137,3 +137,14 @@ def test_a_multimodal_checkpoint_keeps_its_vision_tower_and_loads_whole(tmp_path
     assert packed and not any("visual" in n for n in packed), packed[:3]
     assert len(packed) == len(loaded["text"][0])
     assert torch.allclose(loaded["whole"][1], loaded["text"][1], atol=1e-4)
+
+
+def test_gemma4_moe_variant_is_refused_before_anything_is_written(tiny_model):
+    """Gemma 4's MoE variant keeps its experts fused beside each layer's MLP, where the gemma4_text row places none:
+    refused up front in one line naming GPTQ, the architecture and the experts found."""
+    fmt = Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 32}))
+    with pytest.raises(FormatError) as refused:
+        fmt.check(inspect_checkpoint(tiny_model("gemma4_text-moe")))
+    message = str(refused.value)
+    assert message.startswith("GPTQ:") and "gemma4_text row" in message, message
+    assert "model.layers.0.experts." in message and "\n" not in message

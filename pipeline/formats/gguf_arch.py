@@ -89,7 +89,7 @@ def tensor_name(arch: Architecture, hf_name: str) -> str | None:
     if hf_name.endswith(IGNORED) or hf_name in skipped or hf_name.startswith(tuple(p for p in skipped if p[-1] == ".")):
         return None
     hf_name = hf_name.replace("e_score_correction_bias", "e_score_correction.bias")  # DeepSeek's router bias
-    name = arch.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    name = arch.tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias", ".scale"))
     if name is None:
         raise FormatError(f"tensor {hf_name!r} has no GGUF name for llama.cpp's {arch.name!r} (gguf-py's tensor map): "
                           f"this checkpoint has parts its architecture in llama.cpp does not")  # fmt: skip
@@ -347,6 +347,19 @@ def _suffixless(ending: str):
     return lambda name, config: [(f"{name}.weight", lambda t: t)] if name.endswith(ending) else None
 
 
+def _gemma4_moe(name: str, config: dict):
+    """Gemma 4's sparse block under the names llama.cpp's gemma4 reads: the fused experts (gate_up_proj [experts,
+    2·inter, hidden], gate rows first, and down_proj, as llama.cpp's own fused layout) as they are, with the
+    `.weight` suffix transformers' parameters lack; the router input's scale as the router's (`ffn_gate_inp.scale`),
+    the per-expert output scale as the experts' down projection's (`ffn_down_exps.scale`)."""
+    renamed = {".experts.gate_up_proj": ".experts.gate_up_proj.weight", ".experts.down_proj": ".experts.down_proj.weight",
+               ".router.scale": ".router.proj.scale", ".router.per_expert_scale": ".experts.down_proj.scale"}  # fmt: skip
+    for ending, into in renamed.items():
+        if name.endswith(ending):
+            return [(name.removesuffix(ending) + into, lambda t: t)]
+    return None
+
+
 def _tiled(t, dim: int, k_heads: int, per_k: int, size: int):
     """Value heads along `dim` from grouped by key head [k0: v0..v(r-1), k1: ...] to tiled [v0: k0, k1, ..., v1: ...],
     the order ggml's broadcast pairs them with the key heads in (llama.cpp's converter reorders them the same way)."""
@@ -434,7 +447,7 @@ TRANSFORMS = {"mla_kv_b_split": _mla_kv_b_split,
               "llama4_experts": lambda name, config: _fused_experts(name, interleaved=False),
               "attention_sinks": _suffixless(".self_attn.sinks"), "gated_deltanet": _gated_deltanet,
               "fused_deltanet": _fused_deltanet, "no_mtp": _no_mtp,
-              "layer_scalar": _suffixless(".layer_scalar")}  # fmt: skip
+              "layer_scalar": _suffixless(".layer_scalar"), "gemma4_moe": _gemma4_moe}  # fmt: skip
 
 
 def pieces(arch: Architecture, name: str, config: dict) -> list[tuple[str, object]]:
@@ -505,14 +518,6 @@ def _gemma4_per_layer_vocab(config: dict) -> str | None:
     return None
 
 
-def _gemma4_dense(config: dict) -> str | None:
-    """The mixture-of-experts Gemma 4 (its router scales, per-expert scales and fused experts) is not mapped here."""
-    if config.get("enable_moe_block"):
-        return ("the mixture-of-experts Gemma 4 (enable_moe_block) is not converted yet: its router and expert scales "
-                "are not mapped")  # fmt: skip
-    return None
-
-
 def _gemma4_kv_sharing(config: dict) -> str | None:
     """Layers that reuse another's KV cache: transformers takes the last earlier layer of the same kind, llama.cpp
     the last unshared layer (global) or the one before it (sliding); causal attention only."""
@@ -548,7 +553,7 @@ def _llama4_layers(config: dict) -> str | None:
 CHECKS = {"gemma3_attention_scale": _gemma3_attention_scale, "qwen35_layers": _qwen35_layers,
           "deltanet_head_dims": _deltanet_head_dims, "llama4_layers": _llama4_layers,
           "gemma4_rope": _gemma4_rope, "gemma4_per_layer_vocab": _gemma4_per_layer_vocab,
-          "gemma4_dense": _gemma4_dense, "gemma4_kv_sharing": _gemma4_kv_sharing}  # fmt: skip
+          "gemma4_kv_sharing": _gemma4_kv_sharing}  # fmt: skip
 
 
 def check_config(arch: Architecture, config: dict) -> None:
