@@ -352,8 +352,12 @@ def _gemma4_moe(name: str, config: dict):
     2·inter, hidden], gate rows first, and down_proj, as llama.cpp's own fused layout) as they are, with the
     `.weight` suffix transformers' parameters lack; the router input's scale as the router's (`ffn_gate_inp.scale`),
     the per-expert output scale as the experts' down projection's (`ffn_down_exps.scale`)."""
-    renamed = {".experts.gate_up_proj": ".experts.gate_up_proj.weight", ".experts.down_proj": ".experts.down_proj.weight",
-               ".router.scale": ".router.proj.scale", ".router.per_expert_scale": ".experts.down_proj.scale"}  # fmt: skip
+    renamed = {
+        ".experts.gate_up_proj": ".experts.gate_up_proj.weight",
+        ".experts.down_proj": ".experts.down_proj.weight",
+        ".router.scale": ".router.proj.scale",
+        ".router.per_expert_scale": ".experts.down_proj.scale",
+    }
     for ending, into in renamed.items():
         if name.endswith(ending):
             return [(name.removesuffix(ending) + into, lambda t: t)]
