@@ -575,5 +575,6 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("architecture matrix: built cells against transformers' float32 logits")
     terminalreporter.write_line(f"{'model_type':<18} {'target':<12} {'max|Δlogit|':>11} {'max|logit|':>10} "
                                 f"{'top1':>5} {'corr':>6}")  # fmt: skip
-    for model, target, gap, scale, top1, r in sorted(MATRIX_RESULTS):
-        terminalreporter.write_line(f"{model:<18} {target:<12} {gap:>11.4f} {scale:>10.2f} {top1:>5.2f} {r:>6.3f}")
+    for model, target, gap, scale, top1, r in sorted(MATRIX_RESULTS):  # float cells: corr and greedy tokens decided
+        r = f"{r:>6.3f}" if isinstance(r, float) else r
+        terminalreporter.write_line(f"{model:<18} {target:<12} {gap:>11.4f} {scale:>10.2f} {top1:>5.2f} {r}")

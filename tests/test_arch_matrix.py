@@ -3,7 +3,9 @@ through the five targets of issue 17 (gguf/f16, gguf/q4_k_m, mlx/q4, gptq/int4, 
 unsupported is refused up front by the format's check, in one line naming the architecture and the format, before
 anything is written. A supported cell is built and run in its own runtime (llama.cpp, mlx-lm, transformers with
 GPTQModel's kernels, onnxruntime) on a text longer than the tiny models' sliding windows: the float cells' logits
-match transformers' float32 ones, the quantized cells keep most of its top-1 choices; max |Δlogit| and top-1
+match transformers' float32 ones and their greedy continuation (8 tokens, in the runtime's own generation loop) is
+transformers' as far as each of its choices leads by more than 3x the measured logit error (how far it is equal is
+printed), the quantized cells keep most of its top-1 choices; max |Δlogit| and top-1
 agreement of every cell are printed at the end of the test run (tests/conftest.py). The GGUF cells of the 2026
 families use their `-gguf` checkpoints (hidden size 256, so that the K-quants apply). Format-specific checks (tensor
 bytes against llama.cpp's converter, expert coverage, packing) live in the per-format tests."""
@@ -89,19 +91,45 @@ def run_cell(model: str, target: str, tiny_model, gguf_build, out) -> None:
     runtime = fmt.open_runtime(out, reference, Validation(max_new_tokens=4))
     try:
         ours = runtime.logits(ids)
+        greedy = runtime.greedy(ids[:GREEDY_PROMPT], GREEDY_TOKENS, set()) if target in FLOAT else None
     finally:
         runtime.close()
     gap = float(abs(ours - theirs).max())
     top1 = float((ours.argmax(-1) == theirs.argmax(-1)).mean())
-    r = correlation(ours, theirs)
-    MATRIX_RESULTS.append((model, target, gap, float(abs(theirs).max()), top1, r))
+    r, figures = correlation(ours, theirs), (model, target, gap, float(abs(theirs).max()), top1)
     if target in FLOAT:  # llama.cpp computes in F16 here; our ONNX graph in float32 like transformers
         limit = 1e-4 if target == "onnx/fp32" else 0.02 * abs(theirs).max()
+        # a token whose lead is over 3x the largest logit error measured above cannot flip
+        want, decided = reference_greedy(folder, ids[:GREEDY_PROMPT], 3 * max(gap, 1e-5))
+        same = next((i for i, (a, b) in enumerate(zip(greedy, want)) if a != b), GREEDY_TOKENS)
+        MATRIX_RESULTS.append((*figures, f"{r:.3f}, greedy: {same}/{GREEDY_TOKENS} equal, {decided} decided"))
         assert gap <= limit, f"{model} {target}: max |Δlogit| {gap:.4f}"
+        assert greedy[:decided] == want[:decided], f"{model} {target}: greedy {greedy} != transformers' {want}"
     else:  # 4 bits of random weights move many top choices; a wrong tensor or layout leaves no correlation at all
+        MATRIX_RESULTS.append((*figures, r))
         assert r >= 0.6, f"{model} {target}: logits' correlation with transformers' {r:.2f} (top-1 {top1:.2f})"
     if fmt_name == "gptq":
         check_gptq_layers(model, facts, out)
+
+
+GREEDY_PROMPT, GREEDY_TOKENS = 12, 8
+
+
+def reference_greedy(folder, ids: list[int], margin: float) -> tuple[list[int], int]:
+    """transformers' greedy continuation of `ids` in float32, and how many of its leading tokens were chosen by more
+    than `margin` over the runner-up: a float artifact must continue identically that far (a closer call may go
+    either way within the float cell's logit tolerance)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokens, gaps = list(ids), []
+    with torch.inference_mode():  # whole-sequence forwards: no cache, no generation config (suppressed tokens ...)
+        for _ in range(GREEDY_TOKENS):
+            top2 = model(torch.tensor([tokens])).logits[0, -1].topk(2)
+            tokens.append(int(top2.indices[0]))
+            gaps.append(float(top2.values[0] - top2.values[1]))
+    return tokens[len(ids) :], next((i for i, gap in enumerate(gaps) if gap <= margin), len(gaps))
 
 
 def correlation(ours, theirs) -> float:
