@@ -62,14 +62,13 @@ def test_hybrid_layers_keep_their_decay_projections_in_float_and_say_so(tmp_path
 
 
 def test_fused_experts_need_a_group_size_that_divides_their_input(tiny_model):
-    """Experts stored fused ([experts, in, out], gpt-oss) are 3-D, which the common group-size check skips: their
-    input size is checked on its own (gpt-oss-20b's 2880 takes groups of 32 or 64, not 128)."""
-    from pipeline.formats.gptq import check_fused_group_size
-
+    """Experts stored fused ([experts, in, out], gpt-oss) are 3-D: their input size is their middle axis (gpt-oss-20b's
+    2880 takes groups of 32 or 64, not 128)."""
     source = inspect_checkpoint(tiny_model("gpt_oss"))
-    with pytest.raises(FormatError, match=r"group size 128 does not divide the input size 64 of the experts"):
-        check_fused_group_size(source, 128, arch("gpt_oss").gptq_experts)
-    check_fused_group_size(source, 32, arch("gpt_oss").gptq_experts)
+    fmt = Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 128}))
+    with pytest.raises(FormatError, match=r"group size 128 does not divide the input size 64 of \S+\.experts\."):
+        fmt.check(source)
+    Format.for_target(Target(format="gptq", quant="int4", options={"group_size": 32})).check(source)
 
 
 def test_mxfp4_packed_experts_are_refused_with_the_way_out(tiny_model, tmp_path):

@@ -241,20 +241,27 @@ def missing_modules(modules: dict[str, str], extra: str) -> str | None:
     return None
 
 
+def matrix_input(name: str, shape: tuple[int, ...]) -> int | None:
+    """The input size of a 2-D weight (its last axis), None for any other tensor: what check_group_size checks by
+    default."""
+    return shape[-1] if len(shape) == 2 and name.endswith(".weight") else None
+
+
 def check_group_size(source: SourceInfo, group_size: int,
-                     quantized: Callable[[str], bool] = lambda name: name.endswith(".weight")) -> None:  # fmt: skip
-    """Raise FormatError unless `group_size` divides the input size of every 2-D tensor to be quantized: kernels and
-    converters either reject a ragged last group or, worse, silently leave the tensor unquantized."""
+                     input_size: Callable[[str, tuple[int, ...]], int | None] = matrix_input) -> None:  # fmt: skip
+    """Raise FormatError unless `group_size` divides the input size of every tensor to be quantized (`input_size`
+    of its name and shape; None for a tensor left as it is): kernels and converters either reject a ragged last
+    group or, worse, silently leave the tensor unquantized."""
     from pipeline.checkpoint import Checkpoint
 
     checkpoint = Checkpoint(source.path)
-    widths = {checkpoint.shape(n)[-1] for n in checkpoint.names() if len(checkpoint.shape(n)) == 2 and quantized(n)}
-    for name in checkpoint.names():
-        shape = checkpoint.shape(name)
-        if len(shape) == 2 and quantized(name) and shape[-1] % group_size:
-            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths)]
+    widths = {name: input_size(name, checkpoint.shape(name)) for name in checkpoint.names()}
+    widths = {name: width for name, width in widths.items() if width is not None}
+    for name, width in widths.items():
+        if width % group_size:
+            fits = [g for g in (32, 64, 128, 256) if all(w % g == 0 for w in widths.values())]
             raise FormatError(
-                f"group size {group_size} does not divide the input size {shape[-1]} of {name}; "
+                f"group size {group_size} does not divide the input size {width} of {name}; "
                 f"group sizes that fit every quantized tensor: {', '.join(map(str, fits)) or 'none'}"
             )
 

@@ -141,8 +141,7 @@ class GPTQ(ServedByVllm, Format):
         check_experts(source, row.gptq_experts, self.options.quantizer)
         if self.options.group_size != -1:
             linears = gptq_linears(row, self.options.shared_experts)
-            check_group_size(source, self.options.group_size, lambda n: quantized_weight(row, n, linears))
-            check_fused_group_size(source, self.options.group_size, row.gptq_experts)
+            check_group_size(source, self.options.group_size, gptq_input(row, linears))
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         calibration, spec = ctx.calibration, self.spec
@@ -487,20 +486,17 @@ def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
                           f"the original checkpoints and transformers' save_pretrained store them")  # fmt: skip
 
 
-def check_fused_group_size(source: SourceInfo, group_size: int, experts) -> None:
-    """check_group_size for experts stored fused ([experts, in, out], 3-D, which it does not read): each expert
-    linear's input size must be a multiple of the group size (gpt-oss-20b's 2880 is not of 128)."""
-    from pipeline.checkpoint import Checkpoint
+def gptq_input(row, linears: tuple[str, ...]):
+    """check_group_size's `input_size` for GPTQ: a quantized linear's input size, its last axis; experts stored fused
+    ([experts, in, out], gpt-oss, Llama 4) by their middle axis (gpt-oss-20b's 2880 takes groups of 32 or 64)."""
 
-    if not (experts and experts.fused):
-        return
-    checkpoint = Checkpoint(source.path)
-    for name in (n for n in checkpoint.names() if experts.matches(n)):
-        width = checkpoint.shape(name)[-2]
-        if width % group_size:
-            fits = [g for g in (32, 64, 128, 256) if width % g == 0]
-            raise FormatError(f"group size {group_size} does not divide the input size {width} of the experts in "
-                              f"{name}; group sizes that fit: {', '.join(map(str, fits)) or 'none'}")  # fmt: skip
+    def input_size(name: str, shape: tuple[int, ...]) -> int | None:
+        if len(shape) == 2 and quantized_weight(row, name, linears):
+            return shape[-1]
+        experts = row.gptq_experts
+        return shape[-2] if len(shape) == 3 and experts and experts.fused and experts.matches(name) else None
+
+    return input_size
 
 
 def beats_rtn(ppl_ratio: float, rtn_ppl_ratio: float) -> list[str]:

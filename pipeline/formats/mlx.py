@@ -53,7 +53,7 @@ from typing import Any, Literal
 from pipeline import handoff
 from pipeline.archs import Arch, MlxTensors, arch
 from pipeline.checkpoint import portable_view
-from pipeline.formats.base import BuildContext, Format, check_group_size, missing_modules, refuse_unless
+from pipeline.formats.base import BuildContext, Format, check_group_size, matrix_input, missing_modules, refuse_unless
 from pipeline.formats.base import Options as BaseOptions
 from pipeline.resources import ModelSize, Needs
 from pipeline.runtimes.mlx import MlxRuntime, backend, package_version
@@ -106,7 +106,7 @@ class MLX(Format):
             raise FormatError(f"MLX: the installed mlx-lm {package_version('mlx-lm')} has no module for "
                               f"{module!r}: upgrade mlx-lm")  # fmt: skip
         if self.quant not in FLOATS:
-            check_group_size(source, self.options.group_size, language_model_weight)
+            check_group_size(source, self.options.group_size, language_model_input)
 
     def build(self, source: SourceInfo, out_dir: Path, ctx: BuildContext) -> dict[str, Any]:
         from mlx_lm import convert
@@ -192,9 +192,9 @@ def loaded_as(module: str) -> str:
 VISION_TOWERS = ("model.visual.", "vision_tower.", "model.vision_tower.")
 
 
-def language_model_weight(name: str) -> bool:
-    """Whether a checkpoint tensor is a weight of the language model that mlx-lm quantizes (not the vision tower)."""
-    return name.endswith(".weight") and not name.startswith(VISION_TOWERS)
+def language_model_input(name: str, shape: tuple[int, ...]) -> int | None:
+    """The input size of a language model matrix that mlx-lm quantizes (not the vision tower's), else None."""
+    return None if name.startswith(VISION_TOWERS) else matrix_input(name, shape)
 
 
 def mlx_view(source: Path, shadow: Path, model_type: str) -> Path:
