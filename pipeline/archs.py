@@ -349,6 +349,7 @@ ARCHS: dict[str, Arch] = {
         mlx=True,
         gptq_linears=DENSE_LINEARS,
         onnx_export=True,
+        onnx_genai=True,
         features=("multipliers",),
     ),
     # the families of late 2026 (a row without a format is known, and refused by every target with its reason).

@@ -109,20 +109,21 @@ def test_standard_fp16_export_keeps_the_interface_in_half_precision(build, tiny_
     assert runtime.greedy(ids, 8, stop_ids=set()) == full_sequence_greedy(runtime, ids, 8)
 
 
-def test_genai_flavour_runs_in_onnxruntime_genai(build, tiny_model):
+@pytest.mark.parametrize("model", ["qwen2", "granite"])  # granite: its four multipliers in the builder's graph
+def test_genai_flavour_runs_in_onnxruntime_genai(build, tiny_model, model):
     import onnxruntime_genai as og
 
-    folder, info, _ = build("qwen2", "fp32", flavour="genai")
+    folder, info, _ = build(model, "fp32", flavour="genai")
     assert (folder / "genai_config.json").is_file() and info["flavour"] == "genai"
     runtime = OnnxRuntime(folder)
-    ids = load_tokenizer(tiny_model("qwen2"))(TEXT).input_ids
-    assert np.abs(runtime.logits(ids) - transformers_logits(tiny_model("qwen2"), ids)).max() < 1e-4
+    ids = load_tokenizer(tiny_model(model))(TEXT).input_ids
+    assert np.abs(runtime.logits(ids) - transformers_logits(tiny_model(model), ids)).max() < 1e-4
     generated = runtime.greedy(ids, 8, stop_ids=set())  # onnxruntime-genai's own generator and KV cache
     assert generated == full_sequence_greedy(runtime, ids, 8)
     tokenizer = og.Tokenizer(og.Model(str(folder)))  # the folder's tokenizer loads in the genai runtime
     assert (
         list(tokenizer.encode("Alice was beginning"))
-        == load_tokenizer(tiny_model("qwen2"))("Alice was beginning").input_ids
+        == load_tokenizer(tiny_model(model))("Alice was beginning").input_ids
     )
 
 
