@@ -10,8 +10,8 @@ vLLM itself logs decides each stage, reported separately:
 - reply: the server answered the first smoke prompt greedily as our runtime did (`pipeline.serve.judge_reply`).
 
 A refused config or a failed weight load fails the check. A kernel the installed vLLM build lacks (the AVX2 CPU
-build has no `cpu_gemm_wna16` and no `int8_scaled_mm`) is `not_run`, naming the kernel, after config and weights
-passed. No vLLM virtualenv: `not_run`, naming `make vllm-venv`. The outcome has the serve check's keys
+build has no `cpu_gemm_wna16` and no `int8_scaled_mm`; no CPU build has a 4-bit kernel for gpt-oss's experts) is
+`not_run`, naming it. No vLLM virtualenv: `not_run`, naming `make vllm-venv`. The outcome has the serve check's keys
 ({"status", "server", "cases", "reason"}) plus "config", "weights" and the timings, and is recorded in the
 artifact's manifest under `consumers` (`record`).
 """
@@ -40,6 +40,12 @@ WEIGHTS_DONE = re.compile(r"Loading weights took ([\d.]+) seconds")
 # kernels a vLLM build may lack: the op's name in the error -> what it serves
 KERNELS = {"cpu_gemm_wna16": "4-bit weight-only (GPTQ, compressed-tensors W4A16) matmuls",
            "int8_scaled_mm": "INT8 W8A8 matmuls"}  # fmt: skip
+# vLLM's kernel selection finding no kernel on this platform for a layer the checkpoint holds as it should -> what
+# that layer is (vLLM 0.32's CPU 4-bit MoE kernel takes SiLU experts without biases: Qwen3 MoE's, measured served)
+NO_BACKEND = {
+    "No WNA16 MoE backend supports the deployment configuration": "4-bit experts with biases or another activation "
+    "than SiLU (gpt-oss's), which its GPU kernels take"
+}
 # a traceback's last line, as a process prints it or vLLM logs it; not a warning that quotes one
 ERROR = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?([\w.]*(?:Error|Exception)): (.+)")
 DTYPE = re.compile(r"with config: .*?\bdtype=torch\.(\w+)")
@@ -137,6 +143,11 @@ def stopped(log: Path, message: str) -> dict[str, Any]:
     never = {"reply": {"status": Status.NOT_RUN}, "status": Status.FAILED}
     if found["config"]["status"] != Status.OK:
         return {**never, "reason": f"vLLM refused the config: {error}"}
+    for marker, what in NO_BACKEND.items():
+        if found["weights"]["status"] != Status.OK and marker in text:
+            why = f"this vLLM build has no kernel for {what}: {error}"
+            return {"weights": {"status": Status.NOT_RUN}, "reply": {"status": Status.NOT_RUN},
+                    "status": Status.NOT_RUN, "reason": why}  # fmt: skip
     if found["weights"]["status"] != Status.OK:
         return {**never, "reason": f"vLLM's weight loading failed: {error}"}
     for kernel, serves in KERNELS.items():
