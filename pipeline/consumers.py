@@ -9,11 +9,12 @@ vLLM itself logs decides each stage, reported separately:
 - weights: vLLM's model loader read every tensor into its layers ("Loading weights took ...");
 - reply: the server answered the first smoke prompt greedily as our runtime did (`pipeline.serve.judge_reply`).
 
-A refused config or a failed weight load fails the check. A kernel the installed vLLM build lacks (the AVX2 CPU
-build has no `cpu_gemm_wna16` and no `int8_scaled_mm`; no CPU build has a 4-bit kernel for gpt-oss's experts) is
-`not_run`, naming it. No vLLM virtualenv: `not_run`, naming `make vllm-venv`. The outcome has the serve check's keys
-({"status", "server", "cases", "reason"}) plus "config", "weights" and the timings, and is recorded in the
-artifact's manifest under `consumers` (`record`).
+A refused config or a failed weight load fails the check. What the installed vLLM build lacks (the AVX2 CPU build
+has no `cpu_gemm_wna16` and no `int8_scaled_mm`; the CPU builds have no 4-bit kernel for gpt-oss's or Llama 4's
+experts; our virtualenv has no torchvision for the multimodal models) makes it `not_run`, naming it (`MISSING`).
+No vLLM virtualenv: `not_run`, naming `make vllm-venv`. The outcome has the serve check's keys ({"status",
+"server", "cases", "reason"}) plus "config", "weights" and the timings, and is recorded in the artifact's manifest
+under `consumers` (`record`).
 """
 
 from __future__ import annotations
@@ -37,14 +38,18 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": None, "VIRTUAL_ENV": No
 # vLLM's log lines that mark a stage as passed (vllm/v1/engine/core.py, model_loader/default_loader.py)
 CONFIG_DONE = re.compile(r"Initializing a V1 LLM engine \(v([^)]+)\) with config")
 WEIGHTS_DONE = re.compile(r"Loading weights took ([\d.]+) seconds")
-# kernels a vLLM build may lack: the op's name in the error -> what it serves
-KERNELS = {"cpu_gemm_wna16": "4-bit weight-only (GPTQ, compressed-tensors W4A16) matmuls",
-           "int8_scaled_mm": "INT8 W8A8 matmuls"}  # fmt: skip
-# vLLM's kernel selection finding no kernel on this platform for a layer the checkpoint holds as it should -> what
-# that layer is (vLLM 0.32's CPU 4-bit MoE kernel takes SiLU experts without biases: Qwen3 MoE's, measured served)
-NO_BACKEND = {
-    "No WNA16 MoE backend supports the deployment configuration": "4-bit experts with biases or another activation "
-    "than SiLU (gpt-oss's), which its GPU kernels take"
+# what a vLLM build or its virtualenv may lack, by the words its log shows -> what that is: the check is not_run,
+# naming it, at the stage where it stopped (measured on vLLM 0.32's CPU builds; Qwen3 MoE's SiLU experts served)
+MISSING = {
+    "cpu_gemm_wna16": "the cpu_gemm_wna16 kernel (4-bit weight-only matmuls: GPTQ, compressed-tensors W4A16), which "
+    "vLLM's AVX2 CPU build lacks",
+    "int8_scaled_mm": "the int8_scaled_mm kernel (INT8 W8A8 matmuls), which vLLM's AVX2 CPU build lacks",
+    "No WNA16 MoE backend supports the deployment configuration": "a 4-bit kernel for experts with biases or another "
+    "activation than SiLU (gpt-oss's): its CPU MoE kernel takes neither, its GPU kernels do",
+    "does not support apply_router_weight_on_input": "a 4-bit CPU kernel for experts that take the router's weight on "
+    "their input (Llama 4's): its GPU kernels take them",
+    "No module named 'torchvision'": "torchvision, which vLLM's multimodal models import (`make vllm-venv` removes it: "
+    "its wheels do not load against the CPU torch)",
 }
 # a traceback's last line, as a process prints it or vLLM logs it; not a warning that quotes one
 ERROR = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:ERROR \S+ \S+ \[[^\]]*\] )?([\w.]*(?:Error|Exception)): (.+)")
@@ -136,24 +141,22 @@ def stages(log: Path) -> dict[str, Any]:
 
 def stopped(log: Path, message: str) -> dict[str, Any]:
     """The outcome of a server that exited or never answered: the first stage it did not pass fails, with vLLM's
-    own error; a kernel missing from this vLLM build after config and weights passed is not_run, naming it."""
+    own error; where vLLM's log shows what this build lacks (`MISSING`), that stage and the later ones are not_run,
+    naming it."""
     text = log.read_text(encoding="utf-8", errors="replace") if log.is_file() else ""
     found = stages(log)
     error = first_error(text) or message
+    order = ("config", "weights", "reply")
+    stage = next(s for s in order if s == "reply" or found[s]["status"] != Status.OK)
+    lacking = next((what for words, what in MISSING.items() if words in text), None)
+    if lacking:
+        later = {s: {"status": Status.NOT_RUN} for s in order[order.index(stage) :]}
+        return {**later, "status": Status.NOT_RUN, "reason": f"this vLLM build lacks {lacking}: {error}"}
     never = {"reply": {"status": Status.NOT_RUN}, "status": Status.FAILED}
-    if found["config"]["status"] != Status.OK:
+    if stage == "config":
         return {**never, "reason": f"vLLM refused the config: {error}"}
-    for marker, what in NO_BACKEND.items():
-        if found["weights"]["status"] != Status.OK and marker in text:
-            why = f"this vLLM build has no kernel for {what}: {error}"
-            return {"weights": {"status": Status.NOT_RUN}, "reply": {"status": Status.NOT_RUN},
-                    "status": Status.NOT_RUN, "reason": why}  # fmt: skip
-    if found["weights"]["status"] != Status.OK:
+    if stage == "weights":
         return {**never, "reason": f"vLLM's weight loading failed: {error}"}
-    for kernel, serves in KERNELS.items():
-        if kernel in text:
-            why = f"this vLLM build has no {kernel} kernel ({serves}; vLLM's AVX2 CPU build lacks it): {error}"
-            return {"reply": {"status": Status.NOT_RUN}, "status": Status.NOT_RUN, "reason": why}
     return {"reply": {"status": Status.FAILED}, "status": Status.FAILED, "reason": f"vLLM's server: {error}"}
 
 

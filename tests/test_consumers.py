@@ -84,20 +84,28 @@ MOE_SIZES = dict(hidden_size=256, intermediate_size=256, num_attention_heads=4, 
 
 @pytest.mark.consumers
 @needs_vllm
-@pytest.mark.parametrize(("model", "served"), [("qwen3_moe", Status.OK), ("gpt_oss", Status.NOT_RUN)])
+@pytest.mark.parametrize(("model", "sizes", "served", "words"), [
+    ("qwen3_moe", {**MOE_SIZES, "moe_intermediate_size": 256}, Status.OK, None),
+    ("gpt_oss", MOE_SIZES, Status.NOT_RUN, "lacks a 4-bit kernel for experts with biases"),
+    ("llama4_text", {**MOE_SIZES, "intermediate_size_mlp": 512}, Status.NOT_RUN,
+     "lacks a 4-bit CPU kernel for experts that take the router's weight on their input"),
+    ("qwen3_5", None, Status.NOT_RUN, "lacks torchvision"),  # the released, multimodal form
+])  # fmt: skip
 def test_vllm_serves_mixture_of_experts_gptq_where_its_build_has_the_expert_kernel(smollm2_dir, tmp_path, model,
-                                                                                   served):  # fmt: skip
-    """Our per-expert GPTQ checkpoints as vLLM's MoE loader reads them: a recipe run's SERVE step starts vLLM on the
-    artifact. Qwen3 MoE: config, weights and reply ok (the reply equals ours). gpt-oss: vLLM's CPU build has no
-    4-bit kernel for its experts (biases, clamped SwiGLU): not_run naming that, and the target stays ok."""
+                                                                                   sizes, served, words):  # fmt: skip
+    """Our per-expert GPTQ checkpoints as vLLM's loaders read them: a recipe run's SERVE step starts vLLM on the
+    artifact. Qwen3 MoE: config, weights and reply ok (the reply equals ours). What vLLM's CPU build or our
+    virtualenv lacks is not_run naming it, and the target stays ok: gpt-oss's experts (biases, clamped SwiGLU) and
+    Llama 4's (the router's weight on their input) have no 4-bit CPU kernel, though Llama 4's weights load;
+    multimodal Qwen 3.5 needs torchvision."""
     import yaml
 
     from pipeline.convert import run_recipe
     from pipeline.recipe import load_recipe
-    from tests.conftest import make_tiny_model
+    from tests.conftest import GGUF_CONFIGS, make_tiny_model
 
-    sizes = {**MOE_SIZES, **({"moe_intermediate_size": 256} if model == "qwen3_moe" else {})}
-    folder = make_tiny_model(tmp_path / "checkpoint", model, smollm2_dir, **sizes)
+    base = GGUF_CONFIGS if sizes is None else None
+    folder = make_tiny_model(tmp_path / "checkpoint", model, smollm2_dir, base=base, **(sizes or {}))
     path = write_recipe(tmp_path, folder, [("gptq", "int4")], budgets={"gptq/int4": BUDGET})
     data = yaml.safe_load(path.read_text())
     data["calibration"] = {"samples": 8, "seq_len": 128}
@@ -108,12 +116,12 @@ def test_vllm_serves_mixture_of_experts_gptq_where_its_build_has_the_expert_kern
     manifest = json.loads((recipe.output_dir() / "gptq-int4" / "manifest.json").read_text())
     print(f"{model}: {consumers.summary(manifest['serve'])}")
     assert summary["ok"] and manifest["status"] == "ok", summary
-    assert manifest["serve"]["status"] == served and manifest["serve"]["config"]["status"] == Status.OK
+    assert manifest["serve"]["status"] == served
     if served == Status.OK:
         (case,) = manifest["serve"]["cases"]
         assert case["text"].strip() == case["expected"].strip() and case["text"].strip()
     else:
-        assert "no kernel for 4-bit experts with biases" in manifest["serve"]["reason"]
+        assert words in manifest["serve"]["reason"]
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +221,11 @@ WEIGHTS = "INFO Loading weights took 0.12 seconds\n"
     (LOG_HEAD + "KeyError: 'model.layers.0.mlp.gate_proj.qzeros'\n", "failed", "weights",
      "weight loading failed: KeyError"),
     (LOG_HEAD + WEIGHTS + "RuntimeError: _C::cpu_gemm_wna16() is not implemented for this build\n", "not_run",
-     "reply", "no cpu_gemm_wna16 kernel"),
+     "reply", "lacks the cpu_gemm_wna16 kernel"),
     (LOG_HEAD + WEIGHTS + "RuntimeError: out of memory\n", "failed", "reply", "vLLM's server: RuntimeError"),
     # gpt-oss's GPTQ experts on vLLM 0.32's CPU build (measured): its 4-bit MoE kernel takes SiLU experts, no biases
     (LOG_HEAD + "NotImplementedError: No WNA16 MoE backend supports the deployment configuration.\n", "not_run",
-     "weights", "no kernel for 4-bit experts with biases"),
+     "weights", "lacks a 4-bit kernel for experts with biases"),
 ])  # fmt: skip
 def test_vllms_log_decides_each_stage(tmp_path, log, status, stage, words):
     """A server that stopped: the first stage vLLM did not report passing fails with vLLM's own error; a missing
