@@ -38,8 +38,9 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONPATH": None, "VIRTUAL_ENV": No
 # vLLM's log lines that mark a stage as passed (vllm/v1/engine/core.py, model_loader/default_loader.py)
 CONFIG_DONE = re.compile(r"Initializing a V1 LLM engine \(v([^)]+)\) with config")
 WEIGHTS_DONE = re.compile(r"Loading weights took ([\d.]+) seconds")
-# what a vLLM build or its virtualenv may lack, by the words its log shows -> what that is: the check is not_run,
-# naming it, at the stage where it stopped (measured on vLLM 0.32's CPU builds; Qwen3 MoE's SiLU experts served)
+# what a vLLM build or its virtualenv may lack, by the words of an error vLLM logs -> what that is: the check is
+# not_run, naming it, at the stage where it stopped (measured on vLLM 0.32's CPU builds; Qwen3 MoE's SiLU experts
+# served)
 MISSING = {
     "cpu_gemm_wna16": "the cpu_gemm_wna16 kernel (4-bit weight-only matmuls: GPTQ, compressed-tensors W4A16), which "
     "vLLM's AVX2 CPU build lacks",
@@ -148,7 +149,8 @@ def stopped(log: Path, message: str) -> dict[str, Any]:
     error = first_error(text) or message
     order = ("config", "weights", "reply")
     stage = next(s for s in order if s == "reply" or found[s]["status"] != Status.OK)
-    lacking = next((what for words, what in MISSING.items() if words in text), None)
+    errors = [line for line in text.splitlines() if ERROR.search(line)]  # not warnings that mention the words
+    lacking = next((what for words, what in MISSING.items() if any(words in line for line in errors)), None)
     if lacking:
         later = {s: {"status": Status.NOT_RUN} for s in order[order.index(stage) :]}
         return {**later, "status": Status.NOT_RUN, "reason": f"this vLLM build lacks {lacking}: {error}"}

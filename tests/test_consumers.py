@@ -226,6 +226,9 @@ WEIGHTS = "INFO Loading weights took 0.12 seconds\n"
     # gpt-oss's GPTQ experts on vLLM 0.32's CPU build (measured): its 4-bit MoE kernel takes SiLU experts, no biases
     (LOG_HEAD + "NotImplementedError: No WNA16 MoE backend supports the deployment configuration.\n", "not_run",
      "weights", "lacks a 4-bit kernel for experts with biases"),
+    # words of MISSING in a warning, not an error: what failed is still the weight loading
+    (LOG_HEAD + "WARNING [utils.py:1] optional import: No module named 'torchvision'\n"
+     "KeyError: 'model.layers.0.mlp.gate_proj.qzeros'\n", "failed", "weights", "weight loading failed: KeyError"),
 ])  # fmt: skip
 def test_vllms_log_decides_each_stage(tmp_path, log, status, stage, words):
     """A server that stopped: the first stage vLLM did not report passing fails with vLLM's own error; a missing

@@ -57,8 +57,7 @@ from pipeline.types import Calibration, FormatError, Manifest, Serving, SourceIn
 # vLLM 0.32's GPTQ loader (`--quantization gptq`, measured: ../shared/FINDINGS.md): what it takes of each config key
 VLLM_GPTQ = {"bits": (4,), "sym": (True,), "group_size": (-1, 32, 64, 128), "desc_act": (False,)}
 VLLM = "vLLM 0.32's GPTQ loader rules"
-# a decoder layer tensor (a multimodal checkpoint's under model.language_model.): its module's name
-LAYER_TENSOR = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.(.+)\.weight$")
+LAYER_WEIGHT = re.compile(LAYER.pattern + r"(.+)\.weight$")  # a decoder layer's weight: its index, its module's name
 SHARED_EXPERT = re.compile(r"(^|\.)shared_experts?\.")  # Qwen's `mlp.shared_expert.`, DeepSeek's `mlp.shared_experts.`
 RTN_SIGNAL = 1.01  # below this round-to-nearest loses too little for the comparison to say anything (INT8)
 log = logging.getLogger("weightsmith")
@@ -455,10 +454,10 @@ def gptq_linears(row, shared_experts: bool = False) -> tuple[str, ...]:
 def quantized_weight(row, name: str, linears: tuple[str, ...] | None = None) -> bool:
     """Whether checkpoint tensor `name` is the weight of a decoder layer linear (or expert) that GPTQ quantizes
     (`linears`, default all the row lists)."""
-    match = LAYER_TENSOR.match(name)
+    match = LAYER_WEIGHT.match(name)
     if not match:
         return False
-    return match[1] in (linears or row.gptq_linears) or bool(row.gptq_experts and row.gptq_experts.matches(name))
+    return match[2] in (linears or row.gptq_linears) or bool(row.gptq_experts and row.gptq_experts.matches(name))
 
 
 def check_experts(source: SourceInfo, experts, quantizer: str) -> None:
